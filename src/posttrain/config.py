@@ -1,0 +1,277 @@
+"""The one config system: pydantic models per section, YAML files, dotted command-line overrides.
+
+Every field carries a description; `posttrain config-reference` renders them into docs/config.md.
+Unknown keys are rejected with the closest valid name; wrong types get a message naming the key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(Section):
+    """One dataset entry in `data.train` / `data.eval`, when more than a path is needed."""
+
+    path: str = Field(description="File (json, jsonl, csv, parquet, txt), saved `datasets` directory, "
+                                  "hub name, or a dataset name from `data.dataset_info`.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "classification"] = Field(
+        "auto", description="Row format; `auto` detects it from the columns.")
+    columns: dict[str, str] | None = Field(
+        None, description="Column renames, canonical name -> column in the file (as in LLaMA-Factory's `columns`).")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows of this source.")
+
+
+class DataConfig(Section):
+    train: str | DataSource | list[str | DataSource] = Field(
+        description="Training data: a path or a list of paths/sources; several sources are concatenated (mixed).")
+    eval: str | DataSource | list[str | DataSource] | None = Field(
+        None, description="Evaluation data (a separate file); alternatively use `eval_fraction`.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0,
+                                 description="Hold out this fraction of the training rows for evaluation "
+                                             "(seeded by `train.seed`). Ignored when `eval` is given.")
+    dataset_info: str | None = Field(
+        None, description="Path to a LLaMA-Factory `dataset_info.json`; `train`/`eval` entries may then be "
+                          "dataset names from it (file_name, formatting, columns and tags are honoured).")
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated "
+                                                    "(counted and reported). For `pt`, long texts are split into "
+                                                    "chunks of this length instead.")
+    train_on_prompt: bool = Field(False, description="Train on every token, not only the assistant turns.")
+    packing: bool = Field(False, description="Pack several examples into each row of `max_length` tokens "
+                                            "(pt/sft), with attention isolated per example.")
+    skip_invalid: bool = Field(False, description="Skip malformed rows (counted and reported by reason) "
+                                                 "instead of stopping at the first one.")
+    text_split: Literal["paragraph", "line", "file"] = Field(
+        "paragraph", description="How a .txt file is cut into documents: at blank lines, at every line, "
+                                 "or the whole file as one.")
+    labels: list[str] | None = Field(
+        None, description="classify: the label set, in id order. Default: the sorted labels found in the "
+                          "training data. A label outside the set is an error.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows in total.")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs` when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when `max_steps` is unset).")
+    batch_size: int = Field(8, ge=1, description="Examples (or packed rows) per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming up linearly.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides `warmup_ratio`.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null = no clip.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout (reproducible on CPU).")
+    bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on recent GPUs); "
+                                          "weights and optimizer stay fp32.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); "
+                                                    "batches are shuffled.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    log_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end). "
+                                                          "Default: at the end of every epoch.")
+    save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest K checkpoints.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when `metric_for_best` has not improved for this many evaluations.")
+    metric_for_best: str = Field("eval_loss", description="Eval metric watched by early stopping "
+                                                          "(e.g. eval_loss, eval_accuracy, eval_macro_f1).")
+    greater_is_better: bool | None = Field(None, description="Direction of `metric_for_best`; default: "
+                                                             "lower is better for losses, higher otherwise.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (OUT/tensorboard) via accelerate.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class AdapterConfig(Section):
+    type: Literal["none", "lora"] = Field("none", description="`lora` trains a LoRA adapter through peft.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Modules to adapt: `all-linear` or a list of module names "
+                                  "(q_proj, v_proj, c_attn, ...). Linear and GPT-2's Conv1D are supported.")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+
+
+class FreezeConfig(Section):
+    trainable_layers: int | None = Field(
+        None, ge=1, description="Freeze fine-tuning: train only the top N transformer layers (plus the final "
+                                "norm and any task head). Null = off (full fine-tuning).")
+    gradual_unfreeze: bool = Field(False, description="Unfreeze `trainable_layers` more layers (top-down) at "
+                                                      "the start of every further epoch.")
+    train_embeddings: bool = Field(False, description="Also train the token embeddings (and a tied LM head).")
+
+
+class Config(Section):
+    stage: Literal["pt", "sft", "classify"] = Field(description="What to train: `pt` continued pretraining on "
+                                                               "raw text, `sft` supervised fine-tuning, "
+                                                               "`classify` text classification.")
+    model: str = Field(description="Model directory or hub id (AutoModelForCausalLM, or "
+                                   "AutoModelForSequenceClassification for classify).")
+    output_dir: str = Field(description="Where the result lands: the model or adapter itself, with "
+                                        "config.yaml, metrics.jsonl, summary.json, plots/ and checkpoints/.")
+    resume: str | None = Field(None, description="`auto`: continue from the newest complete checkpoint in "
+                                                 "output_dir (start fresh if none); or a checkpoint path.")
+    chat_template: str | None = Field(None, description="Jinja chat template (inline, or a path to a file) "
+                                                        "for tokenizers that have none.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory / hub.")
+    attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2, ... "
+                                                              "Default: transformers' choice.")
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "none", "false", "False") else value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if self.adapter.type == "lora" and self.freeze.trainable_layers is not None:
+            raise ValueError("choose one of adapter.type=lora and freeze.trainable_layers, not both")
+        if self.freeze.gradual_unfreeze and self.freeze.trainable_layers is None:
+            raise ValueError("freeze.gradual_unfreeze needs freeze.trainable_layers")
+        if self.data.packing and self.stage == "classify":
+            raise ValueError("data.packing applies to pt and sft, not classify")
+        return self
+
+    @property
+    def method(self) -> str:
+        if self.adapter.type == "lora":
+            return "lora"
+        return "freeze" if self.freeze.trainable_layers is not None else "full"
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+def _parse_value(text: str) -> Any:
+    """Command-line values are YAML scalars/lists: 3, 1e-4, true, null, [q_proj, v_proj]."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = next((t for t in getattr(annotation, "__args__", (annotation,))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    # pydantic reports union members as extra path parts ("str", "DataSource"); drop type names
+    loc = tuple(p for p in loc if not (p[:1].isupper() or "[" in p or p in ("str", "int", "float", "bool")))
+    name = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+        return f"unknown key '{name}'{hint}" + (f" (valid: {', '.join(valid)})" if not close and valid else "")
+    if error["type"] == "missing":
+        return f"missing required key '{name}'"
+    got = error.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"'{name}': {error['msg']} (got {shown})"
+
+
+def build_config(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        messages = list(dict.fromkeys(_describe(e) for e in exc.errors()))
+        # a union type yields one error per member; keep the most specific ones
+        specific = [m for m in messages if "unknown key" in m or "missing" in m] or messages
+        raise ConfigError("invalid config:\n  " + "\n  ".join(specific[:8])) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    raw: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raw.update(loaded)
+    return build_config(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- reference page
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("posttrain.config.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def reference_markdown() -> str:
+    lines = ["# Configuration reference", "",
+             "Generated from the schema in `src/posttrain/config.py` by `posttrain config-reference`; "
+             "do not edit by hand.", "",
+             "Every key can be overridden on the command line with its dotted name: "
+             "`posttrain train cfg.yaml train.max_steps=6 adapter.target=[q_proj,v_proj]`.", ""]
+
+    def table(model: type[BaseModel], prefix: str) -> None:
+        lines.extend(["| key | type | default | description |", "|---|---|---|---|"])
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = "(section)"
+            else:
+                default = f"`{field.default!r}`" if field.default is not None else "`null`"
+            type_name = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | {type_name} | {default} | {field.description or ''} |")
+        lines.append("")
+
+    lines += ["## Top level", ""]
+    table(Config, "")
+    for name in ("data", "train", "adapter", "freeze"):
+        lines += [f"## `{name}`", ""]
+        table(Config.model_fields[name].annotation, f"{name}.")
+    lines += ["## Data source entries (`data.train` / `data.eval` items)", ""]
+    table(DataSource, "")
+    return "\n".join(lines)
