@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built from configs in the test session (no downloads)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+CORPUS = [
+    "The kitchen opens at nine in the morning and closes at ten at night.",
+    "Our soup of the day is tomato with basil, and the bread is baked every morning.",
+    "Two plus three is five. Seven minus four is three. Six times two is twelve.",
+    "Reverse the word cat to get tac. Sort the numbers 3 1 2 to get 1 2 3.",
+    "The user asks a question and the assistant answers it politely and briefly.",
+    "Positive: the food was great. Negative: the service was slow and the soup was cold.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()[]{}<>-+*/=_",
+]
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory):
+    """make_model(arch="qwen2", size="tiny") -> directory of a random tiny model with tokenizer."""
+    from posttrain.init_model import init_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen2", size: str = "tiny") -> Path:
+        key = (arch, size)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"model-{arch}-{size}")
+            cache[key] = init_model(arch, size, CORPUS * 20, out, vocab_size=400, seed=0)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_model) -> Path:
+    return make_model("qwen2")
+
+
+def run_cli(*args: str, cwd: str | Path | None = None, check: bool = True, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `posttrain` CLI in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", *map(str, args)], cwd=cwd, text=True,
+                            capture_output=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
