@@ -1,0 +1,33 @@
+# The front door: `make demo` and `make test` both start by creating the virtualenv and installing the
+# pinned dependencies (torch as the CPU wheel torch==2.13.0; everything else from constraints.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install demo demo-quick test bench docs clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt
+	$(PY) -m pip install -q -e ".[dev,bench]" -c constraints.txt
+	touch $@
+
+demo: install
+	$(VENV)/bin/posttrain demo --out demo-out
+
+demo-quick: install
+	$(VENV)/bin/posttrain demo --quick --out demo-out-quick
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/sft.py
+
+docs: install
+	$(VENV)/bin/posttrain config-reference --out docs/config.md
+
+clean:
+	rm -rf demo-out demo-out-quick .pytest_cache

@@ -1,0 +1,133 @@
+"""`posttrain <command>`: parses arguments and calls library functions; nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import PosttrainError
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import run_training
+
+    config = load_config(args.config, args.overrides)
+    summary = run_training(config)
+    final = summary.get("final_eval") or {}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
+    print(f"done: {summary.get('steps')} steps -> {config.output_dir}"
+          + (f" ({shown})" if shown else ""))
+
+
+def _inspect(args) -> None:
+    from .data.inspect import inspect_data
+
+    print(inspect_data(args.file, model=args.model, stage=args.stage, max_length=args.max_length,
+                       dataset_info=args.dataset_info, chat_template=args.chat_template))
+
+
+def _init_model(args) -> None:
+    from .init_model import init_model, read_corpus
+
+    out = init_model(args.arch, args.size, read_corpus(args.tokenizer_corpus), args.out,
+                     vocab_size=args.vocab_size, seed=args.seed)
+    print(f"wrote a random {args.arch}/{args.size} model with its tokenizer to {out}")
+
+
+def _export(args) -> None:
+    from .modeling import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out, trust_remote_code=args.trust_remote_code)
+    print(f"merged {args.adapter} into {args.model} -> {out}")
+
+
+def _demo(args) -> None:
+    from .demo.run import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def _config_reference(args) -> None:
+    from .config import reference_markdown
+
+    text = reference_markdown()
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run the stage named by `stage:` in a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=6")
+    p.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="detected format, counts, token lengths, problems, a rendered example")
+    p.add_argument("file")
+    p.add_argument("--model", help="model/tokenizer directory for token statistics and rendering")
+    p.add_argument("--stage", choices=["pt", "sft", "classify"], help="default: guessed from the format")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--dataset-info", help="LLaMA-Factory dataset_info.json (FILE is then a dataset name)")
+    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
+    p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")
+    p.add_argument("--size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--tokenizer-corpus", nargs="+", required=True, help="text file(s) to train the tokenizer on")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_init_model)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base model (Hugging Face format)")
+    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("demo", help="the embedded default: tiny model, generated data, the pipeline end to end")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    p.add_argument("--out", help="write it to this file instead")
+    p.set_defaults(func=_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="posttrain: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "transformers", "accelerate", "peft", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except PosttrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Loading and saving models and tokenizers; LoRA through peft; freeze fine-tuning.
+
+Outputs are ecosystem-native: a full/freeze result loads with `AutoModelForCausalLM.from_pretrained`,
+a LoRA result with `PeftModel.from_pretrained`, and the tokenizer keeps its chat template with a
+generation config whose EOS list contains the template's end-of-turn token (so the model stops).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig, PreTrainedModel)
+
+from .errors import ConfigError
+
+log = logging.getLogger("posttrain")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _check_model_path(name: str) -> None:
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"model directory {name} has no config.json")
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise ConfigError(f"model not found: {name} (no such directory; give a model directory or a hub id "
+                          f"such as Qwen/Qwen2.5-0.5B, or create one with `posttrain init-model`)")
+
+
+def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    _check_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"could not load a tokenizer from {name}: {exc}") from None
+    if chat_template:
+        path = Path(chat_template)
+        is_file = len(chat_template) < 400 and "{" not in chat_template and path.is_file()
+        tokenizer.chat_template = path.read_text() if is_file else chat_template
+    if tokenizer.pad_token is None:
+        # a distinct pad token would change the embedding matrix; eos is safe because padding is masked
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under the chat template (e.g. <|im_end|>), plus EOS."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "XQZMARKER"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render simple chats has no usable EOT
+            text = ""
+        after = text.split(marker, 1)[1] if marker in text else ""
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+            if token_id in special:
+                ids.insert(0, token_id)
+                break
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# ---------------------------------------------------------------- model
+
+def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None, labels: list[str] | None = None,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """task: "causal" (AutoModelForCausalLM) or "classify" (AutoModelForSequenceClassification)."""
+    _check_model_path(name)
+    kwargs: dict = dict(trust_remote_code=trust_remote_code, dtype=dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if task == "classify":
+        labels = labels or []
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={label: i for i, label in enumerate(labels)})
+        if tokenizer is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    target = "all-linear" if adapter.target == "all-linear" else list(adapter.target)
+    if isinstance(target, list):
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in target if t not in names]
+        if missing:
+            raise ConfigError(f"adapter.target: no module named {', '.join(missing)} in this model "
+                              f"(linear modules: {', '.join(sorted(linear_module_names(model)))})")
+    config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=target,
+                        use_rslora=adapter.rslora,
+                        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM)
+    return get_peft_model(model, config)
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList whose items are all the same type."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ConfigError("freeze: could not find the transformer layers of this model")
+    return best
+
+
+def apply_freeze(model: nn.Module, trainable_layers: int, train_embeddings: bool = False,
+                 head_names: tuple[str, ...] = ("score", "classifier")) -> None:
+    """Freeze everything except the top `trainable_layers` blocks, the final norm and any task head."""
+    layers = decoder_layers(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_trainable_layers(model, trainable_layers)
+    layer_params = {id(p) for p in layers.parameters()}
+    embedding_params = {id(p) for p in model.get_input_embeddings().parameters()}
+    for name, param in model.named_parameters():
+        if id(param) in layer_params:
+            continue
+        is_head = any(re.search(rf"(^|\.){h}(\.|$)", name) for h in head_names)
+        is_norm = re.search(r"(norm|ln_f)", name) is not None
+        if is_head or is_norm or (train_embeddings and id(param) in embedding_params):
+            param.requires_grad_(True)
+
+
+def set_trainable_layers(model: nn.Module, count: int) -> int:
+    """Make the top `count` blocks trainable (gradual unfreezing calls this with a growing count)."""
+    layers = decoder_layers(model)
+    count = min(count, len(layers))
+    for index, layer in enumerate(layers):
+        for param in layer.parameters():
+            param.requires_grad_(index >= len(layers) - count)
+    return count
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- saving
+
+def save_pretrained(model, tokenizer, out: Path, task: str = "causal") -> None:
+    """Write the model (or adapter), tokenizer and, for causal LMs, a generation config that stops."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if task == "causal":
+        generation_config_for(model, tokenizer).save_pretrained(out)
+
+
+def generation_config_for(model, tokenizer) -> GenerationConfig:
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = base.generation_config if getattr(base, "generation_config", None) else GenerationConfig()
+    config = GenerationConfig.from_dict(config.to_dict())
+    stops = end_of_turn_token_ids(tokenizer)
+    existing = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = list(dict.fromkeys(stops + [e for e in existing if e is not None]))
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def merge_adapter(base: str, adapter: str, out: str, trust_remote_code: bool = False) -> Path:
+    """`posttrain export`: fold a LoRA adapter into its base model (W' = W0 + (alpha/r) B A)."""
+    from peft import PeftConfig, PeftModel
+
+    _check_model_path(base)
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    peft_config = PeftConfig.from_pretrained(adapter)
+    task = "classify" if str(peft_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS") else "causal"
+    tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+    if task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    out_path = Path(out)
+    save_pretrained(merged, tokenizer, out_path, task)
+    return out_path

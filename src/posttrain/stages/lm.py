@@ -1,0 +1,59 @@
+"""Language-modelling stages: `pt` (continued pretraining on raw text) and `sft` (chat / instruction data).
+
+Both minimise the token NLL of the trained positions; they differ only in how examples are encoded
+(raw text chunks vs. chat-template rendering with loss on assistant turns).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..losses import IGNORE, shift_labels, token_nll_sum
+
+# Model types whose CausalLM forward is exactly `lm_head(body(...))`: for these the head is applied only
+# to trained positions (prompt and padding rows of the logits are never built). Others use the full forward.
+PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "gpt2", "phi",
+                     "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2"}
+
+
+def _plain_head_parts(model: nn.Module):
+    """(body, head) when the trained positions can be selected before the LM head, else None."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # the forward must go through the wrapper
+        return None
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(hf.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    head = hf.get_output_embeddings()
+    return (body, head) if body is not None and head is not None else None
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed NLL over the trained tokens of a batch, and how many there are."""
+    targets = shift_labels(batch["labels"])
+    parts = _plain_head_parts(model)
+    if parts is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits
+        return token_nll_sum(logits, targets)
+    body, head = parts
+    hidden = body(**_model_inputs(batch), use_cache=False).last_hidden_state
+    selected = targets != IGNORE
+    return token_nll_sum(head(hidden[selected]), targets[selected])
+
+
+@torch.no_grad()
+def lm_evaluate(model: nn.Module, batches, autocast) -> dict[str, float]:
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast():
+            loss_sum, n = lm_loss(model, batch)
+        total += float(loss_sum)
+        count += n
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}

@@ -1,0 +1,157 @@
+"""`posttrain train`: config -> data -> model -> the one loop -> an ecosystem-native output directory.
+
+Order matters for "nothing half-written": the config, tokenizer and every data row are validated and
+encoded before anything is written to output_dir; the final model is written to a hidden directory
+and moved into place, and summary.json is written last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+
+from . import checkpoint as ckpt
+from .config import Config, dump_config
+from .data.batching import collate, collate_packed, pack
+from .data.encode import encode_all
+from .data.formats import load_examples, split_eval
+from .errors import DataError
+from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained)
+from .plots import plot_metrics
+from .stages import STAGES, Stage
+
+log = logging.getLogger("posttrain")
+
+
+def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
+    """Load, normalise and encode train/eval data. Raises DataError before anything is written."""
+    data = config.data
+    common = dict(kind=stage.kind, dataset_info=data.dataset_info, skip_invalid=data.skip_invalid,
+                  text_split=data.text_split)
+    train_examples, train_report = load_examples(data.train, max_samples=data.max_samples, **common)
+    eval_examples, eval_report = [], None
+    if data.eval:
+        eval_examples, eval_report = load_examples(data.eval, **common)
+    elif data.eval_fraction > 0:
+        train_examples, eval_examples = split_eval(train_examples, data.eval_fraction, config.train.seed)
+    labels = None
+    if stage.task == "classify":
+        labels = data.labels or sorted({e.label for e in train_examples})
+        if len(labels) < 2:
+            raise DataError(f"classify needs at least 2 labels, found {labels}")
+    label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    encode = partial(encode_all, tokenizer=tokenizer, stage=stage.name, max_length=data.max_length,
+                     train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid)
+    train_features, train_stats = encode(train_examples)
+    eval_features, eval_stats = encode(eval_examples) if eval_examples else ([], None)
+    if not train_features:
+        raise DataError("no training examples left after encoding")
+    return {"train": train_features, "eval": eval_features, "labels": labels,
+            "report": {"train_load": train_report.summary(), "train_encode": train_stats.summary(),
+                       "eval_load": eval_report.summary() if eval_report else None,
+                       "eval_encode": eval_stats.summary() if eval_stats else None,
+                       "train_examples": len(train_features), "eval_examples": len(eval_features)}}
+
+
+def build_units(features: list[dict], config: Config, pad_id: int, attn_implementation: str = "sdpa"):
+    """Training items and how to batch them: single examples with padding, or packed rows."""
+    if config.data.packing:
+        groups = pack([len(f["input_ids"]) for f in features], config.data.max_length)
+        units = [[features[i] for i in g] for g in groups]
+        collate_fn = partial(collate_packed, pad_id=pad_id, attn_implementation=attn_implementation)
+        return units, collate_fn, lambda u: sum(len(f["input_ids"]) for f in u)
+    return features, partial(collate, pad_id=pad_id), lambda f: len(f["input_ids"])
+
+
+def build_model(config: Config, stage: Stage, tokenizer, labels):
+    model = load_model(config.model, stage.task, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
+                       attn_implementation=config.attn_implementation, labels=labels)
+    if config.method == "lora":
+        model = apply_lora(model, config.adapter, stage.task)
+    elif config.method == "freeze":
+        apply_freeze(model, config.freeze.trainable_layers, config.freeze.train_embeddings)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path) -> None:
+    """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model)."""
+    staging = out_dir / ".partial-output"
+    shutil.rmtree(staging, ignore_errors=True)
+    to_save = model
+    if config.method == "lora" and stage.task == "classify":
+        # a classifier must load with AutoModelForSequenceClassification: merge, keep the adapter beside it
+        save_pretrained(model, tokenizer, staging / "adapter", stage.task)
+        to_save = model.merge_and_unload()
+    save_pretrained(to_save, tokenizer, staging, stage.task)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
+
+
+def run_training(config: Config) -> dict:
+    stage = STAGES[config.stage]
+    out_dir = Path(config.output_dir)
+    resume_from = ckpt.find_resume_checkpoint(config.resume, out_dir)
+    tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
+    data = prepare_data(config, stage, tokenizer)
+    for key in ("train_load", "train_encode", "eval_load", "eval_encode"):
+        if data["report"][key]:
+            log.info("%s: %s", key.replace("_", " "), data["report"][key])
+
+    AcceleratorState._reset_state()  # several runs in one process (demo, tests) may differ in precision
+    accelerator = Accelerator(mixed_precision="bf16" if config.train.bf16 else "no",
+                              log_with="tensorboard" if config.train.tensorboard else None,
+                              project_dir=str(out_dir))
+    set_seed(config.train.seed)
+    model = build_model(config, stage, tokenizer, data["labels"])
+    trainable, total = count_parameters(model)
+    log.info("model %s: %s, %.2fM of %.2fM parameters trainable", config.model, config.method,
+             trainable / 1e6, total / 1e6)
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            (out_dir / "summary.json").unlink(missing_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(config))
+    if config.train.tensorboard:
+        accelerator.init_trackers("tensorboard")
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    units, collate_fn, unit_length = build_units(data["train"], config, tokenizer.pad_token_id, attn)
+    eval_units, _, _ = build_units(data["eval"], config, tokenizer.pad_token_id, attn)
+    from .trainer import Trainer
+
+    trainer = Trainer(config, model, stage, units, eval_units, unit_length, collate_fn, accelerator, out_dir)
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    result = trainer.fit(resume_from)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_output(accelerator.unwrap_model(trainer.model), tokenizer, config, stage, out_dir)
+        plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots")
+        summary = {"stage": stage.name, "model": config.model, "method": config.method,
+                   "trainable_parameters": trainable, "total_parameters": total, **result,
+                   "tokens_per_s": round(result["tokens_seen"] / max(result["runtime_s"], 1e-9), 1),
+                   "data": data["report"], "plots": [p.name for p in plots],
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    else:
+        summary = result
+    if config.train.tensorboard:
+        accelerator.end_training()
+    return summary

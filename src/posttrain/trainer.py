@@ -1,0 +1,249 @@
+"""The one training loop every offline stage uses (accelerate underneath).
+
+AdamW, warmup + cosine/linear schedule, gradient accumulation normalised over the whole step, clipping,
+bf16 autocast, eval every N steps with early stopping, atomic checkpoints with exact resume, one JSON line
+of metrics per logging step, a progress bar with ETA, and plots at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data.batching import batch_indices
+from .modeling import decoder_layers, set_trainable_layers
+from .stages import Stage
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0   # optimizer steps already taken in the current epoch
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    tokens_seen: int = 0
+
+
+def count_items(batch: dict) -> int:
+    """What a loss is averaged over: trained (shifted) tokens for LMs, examples for classifiers."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else int(labels.numel())
+
+
+class Trainer:
+    """units: training items (a feature dict, or a list of features packed into one row);
+    collate: list of units -> batch dict of tensors."""
+
+    def __init__(self, config: Config, model, stage: Stage, units: list, eval_units: list, unit_length: Callable,
+                 collate: Callable, accelerator: Accelerator, out_dir: Path):
+        self.config, self.train_cfg, self.stage = config, config.train, stage
+        self.units, self.eval_units, self.collate = units, eval_units, collate
+        self.lengths = [unit_length(u) for u in units]
+        self.accelerator, self.out_dir = accelerator, out_dir
+        self.state = LoopState()
+        self.raw_model = model
+        self.gradual = config.freeze.gradual_unfreeze
+        if self.gradual:  # the optimizer must know every parameter that will ever be unfrozen
+            set_trainable_layers(model, len(decoder_layers(model)))
+        self.param_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = self._optimizer(model)
+        self.steps_per_epoch = max(1, len(self._epoch_steps(0)))
+        if self.train_cfg.max_steps:
+            self.total_steps = self.train_cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.train_cfg.epochs * self.steps_per_epoch))
+        warmup = self.train_cfg.warmup_steps
+        if warmup is None:
+            warmup = int(self.train_cfg.warmup_ratio * self.total_steps)
+        name = "constant_with_warmup" if self.train_cfg.scheduler == "constant" else self.train_cfg.scheduler
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.total_steps)
+        # the scheduler is stepped by us once per optimizer step, so it is not handed to accelerate
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self._apply_unfreeze(0)
+
+    # ------------------------------------------------------------ setup helpers
+    def _optimizer(self, model) -> torch.optim.Optimizer:
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
+                                 betas=tuple(self.train_cfg.adam_betas))
+
+    def _apply_unfreeze(self, epoch: int) -> None:
+        if self.gradual:
+            n = set_trainable_layers(self.raw_model, self.config.freeze.trainable_layers * (epoch + 1))
+            self.current_trainable_layers = n
+
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """This process's micro-batches for each optimizer step of `epoch`, the same in every run with the
+        same seed. Batches are drawn at the size of a whole step (batch_size x grad_accum x processes) and then
+        cut, so accumulating micro-batches gives exactly the update of one big batch."""
+        cfg, world = self.train_cfg, self.accelerator.num_processes
+        per_process = cfg.batch_size * cfg.grad_accum
+        steps = batch_indices(self.lengths, per_process * world, seed=cfg.seed, epoch=epoch,
+                              group_by_length=cfg.group_by_length, drop_last=world > 1)
+        rank = self.accelerator.process_index
+        mine = [step[rank * per_process:(rank + 1) * per_process] for step in steps]
+        return [[b[i:i + cfg.batch_size] for i in range(0, len(b), cfg.batch_size)] for b in mine if b]
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------ one optimizer step
+    def _train_step(self, step_batches: list[list[int]]) -> dict:
+        batches = [self._to_device(self.collate([self.units[i] for i in b])) for b in step_batches]
+        total_items = torch.tensor(float(sum(count_items(b) for b in batches)), device=self.accelerator.device)
+        total_items = self.accelerator.reduce(total_items, "sum").clamp(min=1.0)
+        world = self.accelerator.num_processes
+        loss_sum = 0.0
+        tokens = sum(self.lengths[i] for b in step_batches for i in b)  # real tokens, padding excluded
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = nullcontext() if last or world == 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                with self.accelerator.autocast():
+                    summed, _ = self.stage.loss(self.model, batch)
+                # DDP averages gradients over processes; scaling by world keeps sum / all items
+                self.accelerator.backward(summed * world / total_items)
+            loss_sum += float(summed.detach())
+        max_norm = self.train_cfg.max_grad_norm or float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        local_items = sum(count_items(b) for b in batches)
+        return {"loss": loss_sum / max(local_items, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_units:
+            return {}
+        order = sorted(range(len(self.eval_units)), key=lambda i: self._unit_len(self.eval_units[i]))
+        size = self.train_cfg.batch_size
+        batches = (self._to_device(self.collate([self.eval_units[i] for i in order[s:s + size]]))
+                   for s in range(0, len(order), size))
+        self.model.eval()
+        metrics = self.stage.evaluate(self.model, batches, self.accelerator.autocast)
+        self.model.train()
+        return metrics
+
+    @staticmethod
+    def _unit_len(unit) -> int:
+        return sum(len(f["input_ids"]) for f in unit) if isinstance(unit, list) else len(unit["input_ids"])
+
+    def _improved(self, metrics: dict) -> None:
+        key = self.train_cfg.metric_for_best
+        if key not in metrics:
+            return
+        greater = self.train_cfg.greater_is_better
+        if greater is None:
+            greater = not any(w in key for w in ("loss", "perplexity"))
+        value, best = metrics[key], self.state.best_metric
+        if best is None or (value > best if greater else value < best):
+            self.state.best_metric, self.state.evals_without_improvement = value, 0
+        else:
+            self.state.evals_without_improvement += 1
+        patience = self.train_cfg.early_stopping_patience
+        if patience and self.state.evals_without_improvement >= patience:
+            self.state.stopped_early = True
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, resume_from: Path | None = None) -> dict:
+        acc, cfg = self.accelerator, self.train_cfg
+        metrics_file = self.out_dir / "metrics.jsonl"
+        if resume_from is not None:
+            loaded = ckpt.load_checkpoint(resume_from, model=self.raw_model, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, rank=acc.process_index)
+            self.state = LoopState(**{k: v for k, v in loaded.items() if k in LoopState.__annotations__})
+            self._apply_unfreeze(self.state.epoch)
+            if acc.is_main_process:  # drop lines the interrupted run logged after this checkpoint
+                kept = [r for r in _read_lines(metrics_file) if r.get("step", 0) <= self.state.step]
+                metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif acc.is_main_process:
+            metrics_file.write_text("")
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
+                   desc=f"{self.stage.name}", dynamic_ncols=True)
+        started, window_tokens, window_start = time.time(), 0, time.time()
+        last_eval: dict = {}
+        while self.state.step < self.total_steps and not self.state.stopped_early:
+            steps = self._epoch_steps(self.state.epoch)
+            step_batches = steps[self.state.batch_in_epoch]
+            result = self._train_step(step_batches)
+            state = self.state
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.tokens_seen += result["tokens"]
+            window_tokens += result["tokens"]
+            epoch_done = state.batch_in_epoch >= len(steps)
+            if epoch_done:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                self._apply_unfreeze(state.epoch)
+            row = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(steps), 4)}
+            evaluate = bool(self.eval_units) and (
+                (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (not cfg.eval_steps and epoch_done)
+                or state.step == self.total_steps)
+            if evaluate:
+                last_eval = self.evaluate()
+                self._improved(last_eval)
+                row.update(last_eval)
+            if state.step % cfg.log_steps == 0 or evaluate or state.step == self.total_steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                row.update(loss=round(result["loss"], 6), lr=self.scheduler.get_last_lr()[0],
+                           grad_norm=round(result["grad_norm"], 6),
+                           tokens_per_s=round(window_tokens * acc.num_processes / elapsed, 1))
+                window_tokens, window_start = 0, time.time()
+                if acc.is_main_process:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if cfg.tensorboard:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", **({"eval": f"{last_eval.get('eval_loss', 0):.4f}"}
+                                                                  if last_eval else {}))
+            bar.update(1)
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        runtime = time.time() - started
+        return {"steps": self.state.step, "epochs": round(self.state.epoch + self.state.batch_in_epoch /
+                                                          max(self.steps_per_epoch, 1), 4),
+                "total_steps_planned": self.total_steps, "stopped_early": self.state.stopped_early,
+                "best_metric": self.state.best_metric, "metric_for_best": cfg.metric_for_best,
+                "final_eval": last_eval, "runtime_s": round(runtime, 2),
+                "tokens_seen": self.state.tokens_seen}
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        return ckpt.save_checkpoint(self.out_dir / "checkpoints", self.state.step, model=self.raw_model,
+                                    names=self.param_names, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    loop_state=asdict(self.state), rank=acc.process_index,
+                                    is_main=acc.is_main_process, keep=self.train_cfg.save_total_limit,
+                                    barrier=acc.wait_for_everyone)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+    return rows
