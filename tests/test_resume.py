@@ -1,0 +1,68 @@
+"""Checkpoints are atomic and `resume: auto` reaches the same weights as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_jsonl
+from posttrain.checkpoint import find_resume_checkpoint, list_checkpoints
+from test_train import base_config, sft_rows
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(40))
+    configs = {}
+    for name in ("straight", "killed"):
+        body = base_config(tiny_model, data, tmp_path / name, train={"max_steps": 60, "save_steps": 5,
+                                                                      "save_total_limit": 2, "batch_size": 4},
+                           data={"eval_fraction": 0.1}, resume="auto")
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(body))
+
+    run_cli("train", configs["straight"])
+
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "train", str(configs["killed"])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list_checkpoints(killed_out / "checkpoints")) and \
+                list_checkpoints(killed_out / "checkpoints")[-1].name != "step-5":
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed_out / "summary.json").exists()
+    newest = find_resume_checkpoint("auto", killed_out)
+    assert newest is not None and int(newest.name.split("-")[1]) < 60
+
+    result = run_cli("train", configs["killed"])
+    assert "resuming from" in result.stderr
+
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(killed_out / "model.safetensors"))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
+    steps = [json.loads(line)["step"] for line in (killed_out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
+    assert len(list_checkpoints(killed_out / "checkpoints")) <= 2
+
+
+def test_partial_checkpoint_is_never_picked(tmp_path):
+    root = tmp_path / "out" / "checkpoints"
+    (root / "step-4").mkdir(parents=True)
+    (root / "step-4" / "trainer_state.json").write_text("{}")
+    (root / ".partial-step-8").mkdir()
+    (root / ".partial-step-8" / "trainer_state.json").write_text("{}")
+    (root / "step-12").mkdir()  # renamed without its state file: not complete either
+    assert find_resume_checkpoint("auto", tmp_path / "out").name == "step-4"
+    assert find_resume_checkpoint(None, tmp_path / "out") is None
