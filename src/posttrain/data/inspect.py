@@ -11,6 +11,8 @@ import re
 import sys
 from collections import Counter
 
+from jinja2 import TemplateError
+
 from ..config import DataSource
 from ..errors import DataError
 from .encode import IGNORE, SkippableError, assistant_spans, encode_all
@@ -79,7 +81,9 @@ def _token_report(examples: list, tokenizer, stage: str, max_length: int, proble
             problems.append(error)
             reasons[error.kind] += 1
             continue
-        except DataError as error:
+        except (DataError, TemplateError) as error:
+            if isinstance(error, TemplateError):  # a template may refuse a chat (raise_exception)
+                error = DataError(f"the chat template failed: {error}", location=example.source, field="messages")
             problems.append(error)
             reasons[_reason(error)] += 1
             continue
@@ -123,14 +127,14 @@ def _token_report(examples: list, tokenizer, stage: str, max_length: int, proble
     return lines
 
 
-def _rendered(example, tokenizer, stage: str) -> list[str]:
+def _rendered(example, tokenizer) -> list[str]:
     if isinstance(example, Conversation):
         text, spans = assistant_spans(tokenizer, example)
         mark = "green" if sys.stdout.isatty() else "[[ ]]"
         return [f"example ({example.source}) rendered with the chat template; trained text in {mark}:",
                 _short(_marked(text, spans), 4000)]
     ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
-    head = f"example ({example.source}), {len(ids)} tokens"
+    head = f"example ({example.source}) as the tokenizer reads it"
     if isinstance(example, Labeled):
         return [head + f", label {example.label}:", _short(tokenizer.decode(ids))]
     return [head + " (all trained):", _short(tokenizer.decode(ids))]
@@ -151,10 +155,11 @@ def inspect_data(file: str, *, model: str | None = None, stage: str | None = Non
         fmt = detect_format(rows, plan.path, kind=KINDS.get(stage), columns=plan.columns)
         out.append(f"format: {fmt} (detected from the columns)")
     else:
-        out.append(f"format: {fmt}")
+        out.append(f"format: {fmt if fmt != 'auto' else 'unknown (no rows)'}")
     guessed = stage is None
     stage = stage or STAGE_OF_FORMAT.get(fmt, "sft")
-    out.append(f"stage: {stage}" + (" (guessed from the format; --stage to choose)" if guessed else ""))
+    if not (guessed and fmt == "auto"):
+        out.append(f"stage: {stage}" + (" (guessed from the format; --stage to choose)" if guessed else ""))
     examples = []
     if rows:
         check_kind(fmt, KINDS[stage], plan.path)
@@ -186,7 +191,11 @@ def inspect_data(file: str, *, model: str | None = None, stage: str | None = Non
             out += ["example (normalised, no chat template to render it):"] + _normalised(examples[0])
         else:
             out += _token_report(examples, tokenizer, stage, max_length, problems, reasons, warnings)
-            out += _rendered(examples[0], tokenizer, stage)
+            try:
+                out += _rendered(examples[0], tokenizer)
+            except (DataError, TemplateError) as error:
+                out += [f"example ({examples[0].source}, normalised; rendering failed: {error}):"]
+                out += _normalised(examples[0])
     elif examples:
         if chat_template:
             warnings.append("--chat-template is only used together with --model")

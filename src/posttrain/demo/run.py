@@ -20,8 +20,10 @@ from .data import check, write_demo_data
 
 log = logging.getLogger("posttrain")
 
-FULL = dict(size="small", vocab=2048, pt_steps=300, sft_steps=400, batch=16, max_length=256, n_eval=40)
-QUICK = dict(size="tiny", vocab=1024, pt_steps=40, sft_steps=60, batch=16, max_length=192, n_eval=12)
+FULL = dict(size="small", vocab=2048, pt_steps=250, sft_steps=500, batch=16, max_length=256, n_eval=40,
+            data={"pretrain": 4000, "sft": 4000})
+QUICK = dict(size="tiny", vocab=1024, pt_steps=40, sft_steps=60, batch=16, max_length=192, n_eval=12,
+             data={"pretrain": 600, "sft": 800})
 
 
 def _stage_config(out: Path, name: str, body: dict) -> Path:
@@ -61,20 +63,20 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     settings = QUICK if quick else FULL
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    files = write_demo_data(out / "data", seed=0)
+    files = write_demo_data(out / "data", seed=0, sizes=settings["data"])
     log.info("== init-model: %s tokenizer + random qwen2/%s model", settings["vocab"], settings["size"])
     init_model("qwen2", settings["size"], read_corpus([files["tokenizer_corpus"]]), out / "init",
                vocab_size=settings["vocab"], seed=0)
     common_train = dict(batch_size=settings["batch"], bf16=True, warmup_ratio=0.05, log_steps=5)
     _train(out, "pt", {"stage": "pt", "model": str(out / "init"), "output_dir": str(out / "pt"),
                        "data": {"train": str(files["pretrain"]), "max_length": settings["max_length"],
-                                "packing": True, "eval_fraction": 0.05},
+                                "packing": True, "eval_fraction": 0.02},
                        "train": {**common_train, "max_steps": settings["pt_steps"], "lr": 2e-3}})
     sft_summary = _train(out, "sft", {
         "stage": "sft", "model": str(out / "pt"), "output_dir": str(out / "sft"),
         "data": {"train": str(files["sft"]), "eval": str(files["sft_eval"]), "max_length": settings["max_length"]},
         "train": {**common_train, "max_steps": settings["sft_steps"], "lr": 1e-3,
-                  "eval_steps": max(settings["sft_steps"] // 4, 1)}})
+                  "eval_steps": max(settings["sft_steps"] // 5, 1)}})
 
     tasks = [json.loads(line) for line in files["tasks_eval"].read_text().splitlines()][:settings["n_eval"]]
     prompts = [[{"role": "user", "content": t["prompt"]}] for t in tasks]

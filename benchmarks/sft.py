@@ -1,0 +1,396 @@
+"""SFT throughput and memory: posttrain vs TRL's SFTTrainer, same model, same data, same batches.
+
+    python benchmarks/sft.py                      # fp32 and bf16, base model (~26M params), 30 steps
+    python benchmarks/sft.py --quick              # a few seconds per run, tiny model: a smoke test
+    python benchmarks/sft.py --precision bf16 --steps 20 --batch-size 8 --max-length 256 --size base
+
+What is compared (and kept identical on both sides):
+
+* model: a randomly initialised Qwen2-shaped model written by `posttrain.init_model` (fp32 weights and
+  optimizer state on both sides; `bf16` means bf16 autocast through accelerate on both sides);
+* data: `posttrain.demo.data.make_sft_rows` rows (OpenAI "messages" form), the same file for both;
+* trained tokens: the assistant turns, content plus the `<|im_end|>` that closes them (not the
+  `<|im_start|>assistant\\n` header, not the newline after `<|im_end|>`). posttrain finds them from the
+  tokenizer's own template; TRL gets the same template with `{% generation %}` tags around exactly those
+  characters and `assistant_only_loss=True`. The parent process checks that both produce the same input_ids
+  and the same trained positions, and the TRL child checks its tokenized dataset against them again;
+* batches: posttrain's own batch order (`batch_indices`, length-grouped by default) is computed once and the
+  TRL dataset is written in that order and read with `train_sampling_strategy="sequential"`, so every
+  optimizer step sees the same examples on both sides (same padding, same tokens, comparable losses);
+* optimisation: AdamW lr 5e-5 (betas 0.9/0.999, eps 1e-8, no weight decay), cosine schedule, no warmup,
+  grad-norm clip 1.0, grad_accum 1, no packing, no padding-free, no gradient checkpointing, seed 42;
+* no evaluation, no checkpoints during training, no logging integrations (TRL: report_to none,
+  logging_strategy no; posttrain: one metrics line at the last step).
+
+Measured in each child (a fresh subprocess per framework and precision):
+
+* tokens/s: real (non-pad) input tokens of steps warmup+1..N divided by the wall time from the end of
+  step `warmup` to the end of step N (model loading, data preparation, the first `--warmup` steps and
+  saving are excluded). Also the loop's total time including the warmup steps;
+* peak RSS: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at exit (whole process: imports,
+  data, model, training, saving);
+* loss: the mean trained-token NLL of the last step, and the mean over the last 5 steps.
+
+TRL is a bench-only dependency: it is imported only inside the TRL child.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 42
+LR = 5e-5
+
+# The tokenizer's ChatML template (posttrain.init_model.CHAT_TEMPLATE) with {% generation %} tags around what
+# posttrain trains: the assistant content (and tool calls) plus the closing <|im_end|>.
+GEN_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{ 'Tools:\\n' }}{%- for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role != 'system' %}"
+    "{{ '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.role == 'assistant' %}{% generation %}"
+    "{%- if message.content is string %}{{ message.content }}{%- endif %}"
+    "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
+    "{{ '<tool_call>' }}{{ (call.function if call.function is defined else call) | tojson }}{{ '</tool_call>' }}"
+    "{%- endfor %}{%- endif %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}"
+    "{%- if message.content is string %}{{ message.content }}{%- endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def summarize(step_end: list[float], step_tokens: list[int], step_loss: list[float], loop_s: float,
+              warmup: int) -> dict:
+    n = len(step_end)
+    w = min(warmup, n - 1)
+    timed_tokens = sum(step_tokens[w:])
+    timed_s = step_end[-1] - step_end[w - 1] if w > 0 else loop_s
+    return {"steps": n, "warmup_steps": w, "timed_tokens": timed_tokens, "timed_s": round(timed_s, 3),
+            "tokens_per_s": round(timed_tokens / max(timed_s, 1e-9), 1),
+            "loop_s": round(loop_s, 3), "loop_tokens_per_s": round(sum(step_tokens) / max(loop_s, 1e-9), 1),
+            "final_loss": round(step_loss[-1], 4),
+            "final_loss_last5": round(sum(step_loss[-5:]) / len(step_loss[-5:]), 4),
+            "losses": [round(x, 4) for x in step_loss]}
+
+
+# ------------------------------------------------------------------------------------------ children
+
+def child_posttrain(spec: dict) -> dict:
+    import posttrain.trainer as trainer_mod
+    from posttrain.config import build_config
+    from posttrain.train import run_training
+
+    step_end, step_tokens, step_loss = [], [], []
+    original = trainer_mod.Trainer._train_step
+    loop = {}
+
+    def timed_step(self, step_batches):
+        loop.setdefault("start", time.perf_counter())
+        result = original(self, step_batches)
+        step_end.append(time.perf_counter())
+        step_tokens.append(int(result["tokens"]))
+        step_loss.append(float(result["loss"]))
+        return result
+
+    trainer_mod.Trainer._train_step = timed_step
+    config = build_config(posttrain_raw_config(spec))
+    if spec.get("profile"):
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        run_training(config)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+    else:
+        run_training(config)
+    loop_s = step_end[-1] - loop["start"]
+    return summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"])
+
+
+def posttrain_raw_config(spec: dict) -> dict:
+    return {"stage": "sft", "model": spec["model"], "output_dir": spec["out"],
+            "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": False},
+            "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "grad_accum": 1, "lr": LR,
+                      "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "cosine", "max_grad_norm": 1.0,
+                      "seed": SEED, "bf16": spec["precision"] == "bf16",
+                      "group_by_length": spec["group_by_length"], "log_steps": spec["steps"]}}
+
+
+def child_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
+    order = spec["order"]  # posttrain's batches, flattened: TRL reads the dataset sequentially
+    dataset = Dataset.from_list([rows[i] for i in order])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer.chat_template = GEN_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, seed=SEED,
+        data_seed=SEED, bf16=spec["precision"] == "bf16", use_cpu=True,
+        max_length=spec["max_length"], packing=False, padding_free=False, assistant_only_loss=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_drop_last=False,
+        eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+        gradient_checkpointing=False, dataset_num_proc=None)
+
+    step_end, step_tokens, step_loss = [], [], []
+    pending = {"tokens": 0, "loss": 0.0}
+    loop = {}
+
+    class Trainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loop.setdefault("start", time.perf_counter())
+            pending["tokens"] += int(inputs["attention_mask"].sum())
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            pending["loss"] += float(loss)
+            return loss
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_end.append(time.perf_counter())
+            step_tokens.append(pending["tokens"])
+            step_loss.append(pending["loss"])
+            pending.update(tokens=0, loss=0.0)
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=[StepTimer()])
+    # the tokenized dataset must be exactly what posttrain trains on
+    expected = json.loads(Path(spec["features"]).read_text())
+    ds = trainer.train_dataset
+    for pos, i in enumerate(order):
+        got_ids = ds[pos]["input_ids"]
+        mask = ds[pos]["assistant_masks"] if "assistant_masks" in ds.column_names else None
+        got_labels = ds[pos]["labels"] if "labels" in ds.column_names else [
+            t if m else -100 for t, m in zip(got_ids, mask)]
+        if got_ids != expected[i]["input_ids"] or got_labels != expected[i]["labels"]:
+            raise SystemExit(f"TRL tokenized row {i} differently from posttrain")
+    if spec.get("profile"):
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        trainer.train()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+    else:
+        trainer.train()
+    loop_s = step_end[-1] - loop["start"]
+    result = summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"])
+    result["checked_same_tokens_and_labels"] = True
+    return result
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+def prepare(args, work: Path) -> dict:
+    """Data, model and posttrain's batch order, written once and shared by every child."""
+    from posttrain.config import build_config
+    from posttrain.data.batching import batch_indices
+    from posttrain.demo.data import make_sft_rows
+    from posttrain.init_model import init_model
+    from posttrain.modeling import load_tokenizer
+    from posttrain.stages import STAGES
+    from posttrain.train import prepare_data
+
+    n_rows = args.steps * args.batch_size
+    rows = make_sft_rows(n_rows, seed=SEED)
+    data = work / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
+    model_dir = work / f"model-{args.size}"
+    if not (model_dir / "config.json").is_file():
+        init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
+
+    spec = {"model": str(model_dir), "data": str(data), "steps": args.steps, "batch_size": args.batch_size,
+            "max_length": args.max_length, "warmup": args.warmup, "group_by_length": args.group_by_length,
+            "profile": args.profile}
+    config = build_config(posttrain_raw_config({**spec, "out": str(work / "check"), "precision": "fp32"}))
+    tokenizer = load_tokenizer(str(model_dir))
+    features = prepare_data(config, STAGES["sft"], tokenizer)["train"]
+    if len(features) != len(rows):
+        raise SystemExit("posttrain dropped rows while encoding; the TRL order would not match")
+    # the same check TRL's side will make, done here without TRL: template with generation tags -> masks
+    for i, (row, feat) in enumerate(zip(rows, features)):
+        enc = tokenizer.apply_chat_template(row["messages"], chat_template=GEN_TEMPLATE, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])[:args.max_length]  # both sides truncate to max_length
+        labels = [t if m else -100 for t, m in zip(ids, enc["assistant_masks"])]
+        if ids != feat["input_ids"] or labels != feat["labels"]:
+            raise SystemExit(f"row {i}: the generation-tag template does not mark the tokens posttrain trains")
+    feats = work / "features.json"
+    feats.write_text(json.dumps([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]))
+    lengths = [len(f["input_ids"]) for f in features]
+    batches = batch_indices(lengths, args.batch_size, seed=SEED, epoch=0, group_by_length=args.group_by_length)
+    order = [i for b in batches[:args.steps] for i in b]
+
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    h, L, inter, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    params = V * h + L * (h * h * 2 + h * kv * 2 + h + 2 * kv + 3 * h * inter + 2 * h) + h  # tied head
+    trained = sum(sum(x != -100 for x in features[i]["labels"][1:]) for i in order)
+    return {**spec, "features": str(feats), "order": order, "params": params, "vocab": V, "rows": len(rows),
+            "mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths),
+            "tokens_in_steps": sum(lengths[i] for i in order), "trained_tokens_in_steps": trained,
+            "padded_tokens_in_steps": sum(max(lengths[i] for i in b) * len(b) for b in batches[:args.steps])}
+
+
+def run_child(framework: str, precision: str, spec: dict, work: Path) -> dict:
+    out = work / f"out-{framework}-{precision}"
+    spec_file = work / f"spec-{framework}-{precision}.json"
+    spec_file.write_text(json.dumps({**spec, "precision": precision, "out": str(out)}))
+    result_file = work / f"result-{framework}-{precision}.json"
+    result_file.unlink(missing_ok=True)
+    log_file = work / f"log-{framework}-{precision}.txt"
+    started = time.time()
+    with log_file.open("w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--child", framework, "--spec", str(spec_file),
+                               "--result", str(result_file)], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not result_file.is_file():
+        tail = log_file.read_text()[-3000:]
+        raise SystemExit(f"{framework} {precision} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+    result = json.loads(result_file.read_text())
+    result["process_s"] = round(time.time() - started, 1)
+    return result
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+    out = {"python": platform.python_version()}
+    for name in ("posttrain", "torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001
+            out[name] = "?"
+    return out
+
+
+def markdown(spec: dict, results: dict, vers: dict, command: str) -> str:
+    lines = ["| precision | framework | tokens/s | loop tokens/s (incl. warmup) | peak RSS (MiB) | "
+             "final loss (last step / mean last 5) |", "|---|---|---:|---:|---:|---|"]
+    for precision, pair in results.items():
+        for name in ("posttrain", "trl"):
+            r = pair[name]
+            lines.append(f"| {precision} | {name if name == 'posttrain' else 'TRL SFTTrainer'} | {r['tokens_per_s']:.0f} | "
+                         f"{r['loop_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['final_loss']:.4f} / {r['final_loss_last5']:.4f} |")
+        p, t = pair["posttrain"], pair["trl"]
+        lines.append(f"| {precision} | **posttrain / TRL** | **{p['tokens_per_s'] / t['tokens_per_s']:.2f}x** | "
+                     f"{p['loop_tokens_per_s'] / t['loop_tokens_per_s']:.2f}x | "
+                     f"{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | |")
+    setup = (f"Model: Qwen2-shaped `{spec['size']}` from `posttrain.init_model` ({spec['params'] / 1e6:.1f}M "
+             f"parameters, vocab {spec['vocab']}, tied embeddings). Data: {spec['rows']} `make_sft_rows` "
+             f"conversations (mean {spec['mean_length']} tokens, max {spec['max_length_seen']}). Batch "
+             f"{spec['batch_size']}, max_length {spec['max_length']}, {spec['steps']} steps "
+             f"({spec['warmup']} warmup steps not timed), lr {LR}, no packing, group_by_length="
+             f"{spec['group_by_length']} (posttrain's batches, replayed in order by TRL). The timed steps "
+             f"cover {spec['tokens_in_steps']} real tokens in all steps ({spec['padded_tokens_in_steps']} with "
+             f"padding), {spec['trained_tokens_in_steps']} of them trained (assistant turns).")
+    ver = ", ".join(f"{k} {v}" for k, v in vers.items())
+    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {spec.get('threads', '?')}"
+    return "\n".join([f"Command: `{command}`", "", f"Machine: {cpu}. Versions: {ver}.", "", setup, "",
+                      *lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--size", choices=("tiny", "small", "base"), default="base")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
+    parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
+    parser.add_argument("--frameworks", default="posttrain,trl", help="comma-separated: posttrain,trl")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps, batch 4: a smoke test")
+    parser.add_argument("--profile", action="store_true", help="cProfile each child (printed into its log)")
+    parser.add_argument("--workdir", help="keep data, model, logs and results here (default: a temp dir)")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="replace the results block of benchmarks/README.md with this run's table")
+    parser.add_argument("--child", choices=("posttrain", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        result = (child_posttrain if args.child == "posttrain" else child_trl)(spec)
+        import torch
+        result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads())
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    if args.quick:
+        args.size, args.steps, args.batch_size, args.max_length = "tiny", 6, 4, 128
+        args.warmup = min(args.warmup, 1)
+    command = "python benchmarks/sft.py " + " ".join(a for a in sys.argv[1:] if a != "--write-readme")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        spec = {**prepare(args, work), "size": args.size}
+        precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+        frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+        results: dict = {}
+        for precision in precisions:
+            results[precision] = {}
+            for framework in frameworks:
+                r = run_child(framework, precision, spec, work)
+                results[precision][framework] = r
+                spec["threads"] = r["threads"]
+                print(f"{precision} {framework}: {r['tokens_per_s']:.0f} tokens/s, peak RSS "
+                      f"{r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']:.4f} "
+                      f"(process {r['process_s']}s)", flush=True)
+        if set(frameworks) != {"posttrain", "trl"}:
+            print(json.dumps(results, indent=1))
+            return
+        table = markdown(spec, results, versions(), command.strip())
+        print()
+        print(table)
+        (work / "results.json").write_text(json.dumps({"spec": {k: v for k, v in spec.items() if k != "order"},
+                                                       "results": results}, indent=1))
+        if args.write_readme:
+            readme = HERE / "README.md"
+            text = readme.read_text() if readme.is_file() else ""
+            begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+            block = f"{begin}\n{table}\n{end}"
+            if begin in text and end in text:
+                text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+            else:
+                text = text.rstrip() + "\n\n" + block + "\n"
+            readme.write_text(text)
+            print(f"\nwrote {readme}")
+
+
+if __name__ == "__main__":
+    main()
