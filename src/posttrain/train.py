@@ -13,6 +13,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
@@ -114,7 +115,8 @@ def run_training(config: Config) -> dict:
             log.info("%s: %s", key.replace("_", " "), data["report"][key])
 
     AcceleratorState._reset_state()  # several runs in one process (demo, tests) may differ in precision
-    accelerator = Accelerator(mixed_precision="bf16" if config.train.bf16 else "no",
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # without it, CPU processes never form a group
+                              mixed_precision="bf16" if config.train.bf16 else "no",
                               log_with="tensorboard" if config.train.tensorboard else None,
                               project_dir=str(out_dir))
     set_seed(config.train.seed)
