@@ -200,3 +200,22 @@ def test_missing_or_invalid_config_file(tmp_path):
     listing.write_text("- stage\n- sft\n")
     fails(listing, expect=["list.yaml", "must be a mapping"])
     fails(broken, "nokeyvalue", expect=["not valid YAML"])
+
+
+# ---------------------------------------------------------------- chat templates that cannot work
+
+@pytest.mark.parametrize("template", ["missing.jinja", "{% bad %}", "strict"])
+def test_bad_chat_template(no_template_model, tiny_model, tmp_path, template):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "system", "content": "Be brief."},
+                                                              *chat(i)["messages"]]} for i in range(4)])
+    if template == "missing.jinja":
+        template, expect = str(tmp_path / "missing.jinja"), ["chat_template", "not found"]
+    elif template == "strict":
+        strict = tmp_path / "strict.jinja"
+        strict.write_text("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                          "{% endif %}" + (tiny_model / "chat_template.jinja").read_text())
+        template, expect = str(strict), [f"{data}:1", "System role not supported"]
+    else:
+        expect = ["chat_template", "bad"]
+    fails(write_config(tmp_path, no_template_model, data), f"chat_template={template}", out=tmp_path / "out",
+          expect=expect)

@@ -185,3 +185,18 @@ def test_classify_reaches_high_accuracy_and_stops_early(tiny_model, tmp_path):
     assert any("eval_macro_f1" in r for r in rows)
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert set(model.config.id2label.values()) == {"positive", "negative"}
+
+
+def test_classify_with_lora_writes_a_loadable_classifier(tiny_model, tmp_path):
+    train = write_csv(tmp_path / "train.csv", classify_rows(32))
+    out = tmp_path / "cls-lora"
+    run_training(build_config({
+        "stage": "classify", "model": str(tiny_model), "output_dir": str(out),
+        "data": {"train": str(train), "eval_fraction": 0.25, "max_length": 32},
+        "adapter": {"type": "lora", "r": 4}, "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3}}))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    result = run_cli("export", "--model", tiny_model, "--adapter", out / "adapter", "--out", tmp_path / "x",
+                     check=False)
+    assert result.returncode == 2 and "classification adapter" in result.stderr

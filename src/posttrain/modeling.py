@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,13 +42,29 @@ def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_cod
     except OSError as exc:
         raise ConfigError(f"could not load a tokenizer from {name}: {exc}") from None
     if chat_template:
-        path = Path(chat_template)
-        is_file = len(chat_template) < 400 and "{" not in chat_template and path.is_file()
-        tokenizer.chat_template = path.read_text() if is_file else chat_template
+        tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.pad_token is None:
         # a distinct pad token would change the embedding matrix; eos is safe because padding is masked
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """`chat_template:` is the Jinja text itself or a path to a file holding it; either must compile."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    if "{" not in value and "\n" not in value:  # not Jinja: a path
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"chat_template file not found: {value} (give a path to a .jinja file, or the "
+                              "template itself inline)")
+        value = path.read_text(encoding="utf-8")
+    try:
+        _compile_jinja_template(value)
+    except TemplateSyntaxError as exc:
+        raise ConfigError(f"chat_template is not valid Jinja: {exc.message} (template line {exc.lineno})") from None
+    return value
 
 
 def end_of_turn_token_ids(tokenizer) -> list[int]:
@@ -190,14 +207,28 @@ def merge_adapter(base: str, adapter: str, out: str, trust_remote_code: bool = F
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
     peft_config = PeftConfig.from_pretrained(adapter)
-    task = "classify" if str(peft_config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS") else "causal"
+    if str(peft_config.task_type).endswith("SEQ_CLS"):
+        raise ConfigError(f"{adapter} is a classification adapter: `posttrain train` already writes the merged "
+                          f"classifier next to it (its parent directory)")
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
-    if task == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out_path = Path(out)
-    save_pretrained(merged, tokenizer, out_path, task)
+    write_into(out_path, lambda staging: save_pretrained(merged, tokenizer, staging, "causal"))
     return out_path
+
+
+def write_into(out_dir: Path, write) -> None:
+    """Call write(staging_dir), then move what it wrote into out_dir: a crash mid-write leaves only the
+    hidden staging directory, never a half-written model in out_dir."""
+    staging = out_dir / ".partial-output"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()

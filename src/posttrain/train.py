@@ -24,7 +24,8 @@ from .data.batching import collate, collate_packed, pack
 from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
 from .errors import DataError
-from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained)
+from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained,
+                       write_into)
 from .plots import plot_metrics
 from .stages import STAGES, Stage
 
@@ -88,20 +89,15 @@ def build_model(config: Config, stage: Stage, tokenizer, labels):
 
 def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path) -> None:
     """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model)."""
-    staging = out_dir / ".partial-output"
-    shutil.rmtree(staging, ignore_errors=True)
-    to_save = model
-    if config.method == "lora" and stage.task == "classify":
-        # a classifier must load with AutoModelForSequenceClassification: merge, keep the adapter beside it
-        save_pretrained(model, tokenizer, staging / "adapter", stage.task)
-        to_save = model.merge_and_unload()
-    save_pretrained(to_save, tokenizer, staging, stage.task)
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    staging.rmdir()
+    def write(staging: Path) -> None:
+        to_save = model
+        if config.method == "lora" and stage.task == "classify":
+            # a classifier must load with AutoModelForSequenceClassification: merge, keep the adapter beside it
+            save_pretrained(model, tokenizer, staging / "adapter", stage.task)
+            to_save = model.merge_and_unload()
+        save_pretrained(to_save, tokenizer, staging, stage.task)
+
+    write_into(out_dir, write)
 
 
 def run_training(config: Config) -> dict:

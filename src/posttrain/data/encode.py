@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from jinja2 import TemplateError
+
 from posttrain.data.examples import Conversation, Labeled, Text
 from posttrain.errors import ConfigError, DataError
 
@@ -75,7 +77,11 @@ def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[Span]]:
     """Render `conv` and return (text, character spans of every assistant turn incl. its end marker)."""
     check_chat_template(tokenizer)
     messages, tools = conv.messages, conv.tools
-    full = _render(tokenizer, messages, tools, generation_prompt=False)
+    try:
+        full = _render(tokenizer, messages, tools, generation_prompt=False)
+    except TemplateError as exc:  # e.g. raise_exception('System role not supported')
+        raise SkippableError(f"the chat template cannot render this conversation: {exc}", conv.source,
+                             "messages", "chat template error") from None
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":

@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 from ..config import DataSource
 from ..errors import DataError
 from .encode import IGNORE, SkippableError, assistant_spans, encode_all
-from .examples import Conversation, Labeled, Text
+from .examples import Conversation, Labeled
 from .formats import _reason, check_kind, detect_format, to_example
 from .sources import read_dataset_info, read_rows, resolve_source
 
