@@ -1,6 +1,6 @@
 """SFT throughput and memory: posttrain vs TRL's SFTTrainer, same model, same data, same batches.
 
-    python benchmarks/sft.py                      # fp32 and bf16, base model (~26M params), 30 steps
+    python benchmarks/sft.py                      # fp32 and bf16, base model (41.6M params, 32000 embedding rows), 30 steps
     python benchmarks/sft.py --quick              # a few seconds per run, tiny model: a smoke test
     python benchmarks/sft.py --precision bf16 --steps 20 --batch-size 8 --max-length 256 --size base
 
@@ -123,14 +123,6 @@ def child_posttrain(spec: dict) -> dict:
         return result
 
     trainer_mod.Trainer._train_step = timed_step
-    if spec.get("variant") == "fused-adamw":  # experiment: what posttrain gains from torch's fused AdamW kernel
-        import torch
-
-        class FusedAdamW(torch.optim.AdamW):
-            def __init__(self, *a, **k):
-                super().__init__(*a, fused=True, **k)
-
-        torch.optim.AdamW = FusedAdamW
     config = build_config(posttrain_raw_config(spec))
     if spec.get("profile"):
         import cProfile
@@ -242,9 +234,18 @@ def prepare(args, work: Path) -> dict:
     data = work / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
-    model_dir = work / f"model-{args.size}"
+    model_dir = work / f"model-{args.size}-{args.embedding_rows}"
     if not (model_dir / "config.json").is_file():
         init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
+        if args.embedding_rows:
+            # Real models carry 32k-150k embedding rows; the generated corpus only supports a small BPE
+            # vocabulary, so the embedding (and tied LM head) is widened to a realistic size. The extra rows
+            # are never produced by the tokenizer but cost what they cost in a real model's head.
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            model.resize_token_embeddings(args.embedding_rows, mean_resizing=False)
+            model.save_pretrained(model_dir)
 
     spec = {"model": str(model_dir), "data": str(data), "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "warmup": args.warmup, "group_by_length": args.group_by_length,
@@ -282,8 +283,6 @@ def prepare(args, work: Path) -> dict:
 
 def run_child(framework: str, precision: str, spec: dict, work: Path) -> dict:
     name, variant = framework, None
-    if framework == "posttrain-fused":  # experiment: posttrain with torch's fused AdamW
-        framework, variant = "posttrain", "fused-adamw"
     out = work / f"out-{name}-{precision}"
     spec_file = work / f"spec-{name}-{precision}.json"
     spec_file.write_text(json.dumps({**spec, "precision": precision, "out": str(out), "variant": variant}))
@@ -317,10 +316,9 @@ def markdown(spec: dict, results: dict, vers: dict, command: str) -> str:
     lines = ["| precision | framework | tokens/s (wall) | tokens per CPU-second | loop tokens/s (incl. warmup) | "
              "peak RSS (MiB) | final loss (last step / mean last 5) |", "|---|---|---:|---:|---:|---:|---|"]
     for precision, pair in results.items():
-        for name in [n for n in ("posttrain", "trl", "posttrain-fused") if n in pair]:
+        for name in [n for n in ("posttrain", "trl") if n in pair]:
             r = pair[name]
-            label = {"posttrain": "posttrain", "trl": "TRL SFTTrainer",
-                     "posttrain-fused": "posttrain + fused AdamW (experiment)"}[name]
+            label = {"posttrain": "posttrain", "trl": "TRL SFTTrainer"}[name]
             lines.append(f"| {precision} | {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | "
                          f"{r['loop_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['final_loss']:.4f} / {r['final_loss_last5']:.4f} |")
@@ -329,14 +327,8 @@ def markdown(spec: dict, results: dict, vers: dict, command: str) -> str:
                      f"{p['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
                      f"{p['loop_tokens_per_s'] / t['loop_tokens_per_s']:.2f}x | "
                      f"{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | |")
-        if "posttrain-fused" in pair:
-            f = pair["posttrain-fused"]
-            lines.append(f"| {precision} | posttrain + fused AdamW / TRL | {f['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
-                         f"{f['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
-                         f"{f['loop_tokens_per_s'] / t['loop_tokens_per_s']:.2f}x | "
-                         f"{f['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | |")
     setup = (f"Model: Qwen2-shaped `{spec['size']}` from `posttrain.init_model` ({spec['params'] / 1e6:.1f}M "
-             f"parameters, vocab {spec['vocab']}, tied embeddings). Data: {spec['rows']} `make_sft_rows` "
+             f"parameters, {spec['vocab']} embedding rows — the BPE vocabulary trained on the generated corpus, widened like a real model's vocabulary —, tied LM head). Data: {spec['rows']} `make_sft_rows` "
              f"conversations (mean {spec['mean_length']} tokens, max {spec['max_length_seen']}). Batch "
              f"{spec['batch_size']}, max_length {spec['max_length']}, {spec['steps']} steps "
              f"({spec['warmup']} warmup steps not timed; best of {spec['repeats']} interleaved runs), lr {LR}, no packing, group_by_length="
@@ -355,20 +347,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--size", choices=("tiny", "small", "base"), default="base")
-    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
+    parser.add_argument("--embedding-rows", type=int, default=32000,
+                        help="widen the embedding / LM head to this many rows, like a real model's vocabulary "
+                             "(0: keep the BPE size)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
     parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     parser.add_argument("--frameworks", default="posttrain,trl",
-                        help="comma-separated: posttrain,trl (and posttrain-fused: posttrain with torch's fused "
-                             "AdamW patched in, an experiment)")
+                        help="comma-separated: posttrain,trl")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each framework this many times (interleaved) and report the fastest run")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps, batch 4: a smoke test")
     parser.add_argument("--profile", action="store_true", help="cProfile each child (printed into its log)")
     parser.add_argument("--workdir", help="keep data, model, logs and results here (default: a temp dir)")
-    parser.add_argument("--write-readme", action="store_true",
-                        help="replace the results block of benchmarks/README.md with this run's table")
     parser.add_argument("--child", choices=("posttrain", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -385,7 +377,7 @@ def main() -> None:
     if args.quick:
         args.size, args.steps, args.batch_size, args.max_length = "tiny", 6, 4, 128
         args.warmup = min(args.warmup, 1)
-    command = "python benchmarks/sft.py " + " ".join(a for a in sys.argv[1:] if a != "--write-readme")
+    command = "python benchmarks/sft.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -417,17 +409,6 @@ def main() -> None:
         print(table)
         (work / "results.json").write_text(json.dumps({"spec": {k: v for k, v in spec.items() if k != "order"},
                                                        "results": results}, indent=1))
-        if args.write_readme:
-            readme = HERE / "README.md"
-            text = readme.read_text() if readme.is_file() else ""
-            begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-            block = f"{begin}\n{table}\n{end}"
-            if begin in text and end in text:
-                text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-            else:
-                text = text.rstrip() + "\n\n" + block + "\n"
-            readme.write_text(text)
-            print(f"\nwrote {readme}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig,
                           PreTrainedTokenizerFast, Qwen2Config)
 
+from .errors import ConfigError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 TURN_START = "<|im_start|>"
@@ -105,8 +107,8 @@ def read_corpus(paths: list[str | Path]) -> list[str]:
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer corpus not found: {path}")
+            raise ConfigError(f"tokenizer corpus not found: {path}")
         texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     if not texts:
-        raise ValueError("the tokenizer corpus is empty")
+        raise ConfigError("the tokenizer corpus is empty")
     return texts
