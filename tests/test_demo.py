@@ -20,5 +20,5 @@ def test_quick_demo_runs_the_pipeline(tmp_path):
     pt_metrics = [json.loads(line) for line in (out / "pt" / "metrics.jsonl").read_text().splitlines()]
     assert pt_metrics[-1]["loss"] < pt_metrics[0]["loss"]
     demo = json.loads((out / "demo_result.json").read_text())
-    assert 0.0 <= demo["task_accuracy"] <= 1.0
+    assert 0.0 <= demo["task_accuracy"] <= 1.0 and 0.0 <= demo["persona_exact_match"] <= 1.0
     assert AutoModelForCausalLM.from_pretrained(out / "sft") is not None

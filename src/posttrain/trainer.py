@@ -187,45 +187,41 @@ class Trainer:
             metrics_file.write_text("")
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"{self.stage.name}", dynamic_ncols=True)
-        started, window_tokens, window_start = time.time(), 0, time.time()
-        last_eval: dict = {}
+        started, last_eval = time.time(), {}
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         while self.state.step < self.total_steps and not self.state.stopped_early:
             steps = self._epoch_steps(self.state.epoch)
-            step_batches = steps[self.state.batch_in_epoch]
-            result = self._train_step(step_batches)
+            step_started = time.time()
+            result = self._train_step(steps[self.state.batch_in_epoch])
+            window["seconds"] += time.time() - step_started
+            window["loss"] += result["loss"]
+            window["steps"] += 1
+            window["tokens"] += result["tokens"]
             state = self.state
             state.step += 1
             state.batch_in_epoch += 1
             state.tokens_seen += result["tokens"]
-            window_tokens += result["tokens"]
             epoch_done = state.batch_in_epoch >= len(steps)
             if epoch_done:
-                state.epoch += 1
-                state.batch_in_epoch = 0
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 self._apply_unfreeze(state.epoch)
             row = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / len(steps), 4)}
-            evaluate = bool(self.eval_units) and (
-                (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (not cfg.eval_steps and epoch_done)
-                or state.step == self.total_steps)
+            last = state.step == self.total_steps
+            evaluate = bool(self.eval_units) and bool((cfg.eval_steps and state.step % cfg.eval_steps == 0)
+                                                     or (not cfg.eval_steps and epoch_done) or last)
             if evaluate:
                 last_eval = self.evaluate()
                 self._improved(last_eval)
                 row.update(last_eval)
-            if state.step % cfg.log_steps == 0 or evaluate or state.step == self.total_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                row.update(loss=round(result["loss"], 6), lr=self.scheduler.get_last_lr()[0],
-                           grad_norm=round(result["grad_norm"], 6),
-                           tokens_per_s=round(window_tokens * acc.num_processes / elapsed, 1))
-                window_tokens, window_start = 0, time.time()
-                if acc.is_main_process:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if cfg.tensorboard:
-                    acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
-                bar.set_postfix(loss=f"{result['loss']:.4f}", **({"eval": f"{last_eval.get('eval_loss', 0):.4f}"}
-                                                                  if last_eval else {}))
+            if state.step % cfg.log_steps == 0 or evaluate or last:
+                self._log(row, window, result["grad_norm"], metrics_file)
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+                postfix = {"loss": f"{row['loss']:.4f}"}
+                if last_eval:
+                    postfix["eval"] = f"{last_eval.get('eval_loss', 0):.4f}"
+                bar.set_postfix(postfix)
             bar.update(1)
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
                 self.save_checkpoint()
         bar.close()
         runtime = time.time() - started
@@ -235,6 +231,18 @@ class Trainer:
                 "best_metric": self.state.best_metric, "metric_for_best": cfg.metric_for_best,
                 "final_eval": last_eval, "runtime_s": round(runtime, 2),
                 "tokens_seen": self.state.tokens_seen}
+
+    def _log(self, row: dict, window: dict, grad_norm: float, metrics_file: Path) -> None:
+        """One metrics line: mean train loss since the last line, lr, grad norm, training tokens/s."""
+        acc = self.accelerator
+        row.update(loss=round(window["loss"] / max(window["steps"], 1), 6), lr=self.scheduler.get_last_lr()[0],
+                   grad_norm=round(grad_norm, 6),
+                   tokens_per_s=round(window["tokens"] * acc.num_processes / max(window["seconds"], 1e-9), 1))
+        if acc.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.train_cfg.tensorboard:
+            acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
