@@ -50,31 +50,28 @@ HERE = Path(__file__).resolve().parent
 SEED = 42
 LR = 5e-5
 
-# The tokenizer's ChatML template (posttrain.init_model.CHAT_TEMPLATE) with {% generation %} tags around what
-# posttrain trains: the assistant content (and tool calls) plus the closing <|im_end|>.
-GEN_TEMPLATE = (
-    "{%- if tools %}{{ '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{%- endif %}"
-    "{{ 'Tools:\\n' }}{%- for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{%- endfor %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}"
-    "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role != 'system' %}"
-    "{{ '<|im_start|>' + message.role + '\\n' }}"
-    "{%- if message.role == 'assistant' %}{% generation %}"
-    "{%- if message.content is string %}{{ message.content }}{%- endif %}"
-    "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
-    "{{ '<tool_call>' }}{{ (call.function if call.function is defined else call) | tojson }}{{ '</tool_call>' }}"
-    "{%- endfor %}{%- endif %}"
-    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else %}"
-    "{%- if message.content is string %}{{ message.content }}{%- endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# A turn of the tokenizer's ChatML template (posttrain.init_model.CHAT_TEMPLATE): header, body (content and tool
+# calls), end. The TRL side gets the same template with {% generation %} tags around what posttrain trains in an
+# assistant turn: the body plus the closing <|im_end|> (not the header, not the newline after <|im_end|>).
+TURN_HEAD = "{{ '<|im_start|>' + message.role + '\\n' }}"
+TURN_END = "{{ '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+
+
+def generation_template() -> str:
+    """posttrain.init_model.CHAT_TEMPLATE with generation tags around the assistant turns' trained text, so the
+    two templates cannot drift apart (posttrain is imported lazily, as everywhere in this script)."""
+    from posttrain.init_model import CHAT_TEMPLATE
+
+    body = CHAT_TEMPLATE.partition(TURN_HEAD)[2].partition(TURN_END)[0]
+    turn = TURN_HEAD + body + TURN_END
+    tagged = (TURN_HEAD + "{%- if message.role == 'assistant' %}{% generation %}" + body
+              + "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}" + body + "{{ '<|im_end|>\\n' }}"
+              + "{%- endif %}{%- endif %}{%- endfor %}")
+    if not body or CHAT_TEMPLATE.count(turn) != 1:
+        raise SystemExit("posttrain.init_model.CHAT_TEMPLATE changed shape: cannot add the generation tags")
+    template = CHAT_TEMPLATE.replace(turn, tagged)
+    assert template.count("{% generation %}") == 1 and template.count("{% endgeneration %}") == 1
+    return template
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -157,7 +154,7 @@ def child_trl(spec: dict) -> dict:
     order = spec["order"]  # posttrain's batches, flattened: TRL reads the dataset sequentially
     dataset = Dataset.from_list([rows[i] for i in order])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    tokenizer.chat_template = GEN_TEMPLATE
+    tokenizer.chat_template = generation_template()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     args = SFTConfig(
         output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
@@ -256,8 +253,9 @@ def prepare(args, work: Path) -> dict:
     if len(features) != len(rows):
         raise SystemExit("posttrain dropped rows while encoding; the TRL order would not match")
     # the same check TRL's side will make, done here without TRL: template with generation tags -> masks
+    gen_template = generation_template()
     for i, (row, feat) in enumerate(zip(rows, features)):
-        enc = tokenizer.apply_chat_template(row["messages"], chat_template=GEN_TEMPLATE, tokenize=True,
+        enc = tokenizer.apply_chat_template(row["messages"], chat_template=gen_template, tokenize=True,
                                             return_dict=True, return_assistant_tokens_mask=True)
         ids = list(enc["input_ids"])[:args.max_length]  # both sides truncate to max_length
         labels = [t if m else -100 for t, m in zip(ids, enc["assistant_masks"])]

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny models built from configs in the test session (no downloads)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +48,18 @@ def tiny_model(make_model) -> Path:
     return make_model("qwen2")
 
 
+@pytest.fixture
+def no_template_model(tiny_model, tmp_path) -> Path:
+    """A copy of tiny_model whose tokenizer has no chat template."""
+    copy = tmp_path / "no-template"
+    shutil.copytree(tiny_model, copy)
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
 def run_cli(*args: str, cwd: str | Path | None = None, check: bool = True, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `posttrain` CLI in a subprocess."""
@@ -59,7 +73,5 @@ def run_cli(*args: str, cwd: str | Path | None = None, check: bool = True, timeo
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

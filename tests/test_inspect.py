@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,6 @@ def bad_file(tmp_path) -> Path:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture
-def no_template_model(tiny_model, tmp_path) -> Path:
-    copy = tmp_path / "no-template"
-    shutil.copytree(tiny_model, copy)
-    (copy / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((copy / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (copy / "tokenizer_config.json").write_text(json.dumps(config))
-    return copy
 
 
 def inspect(*args) -> str:

@@ -140,16 +140,16 @@ def _rendered(example, tokenizer) -> list[str]:
     return [head + " (all trained):", _short(tokenizer.decode(ids))]
 
 
-def inspect_data(file: str, *, model: str | None = None, stage: str | None = None, max_length: int = 1024,
-                 dataset_info: str | None = None, chat_template: str | None = None) -> str:
+def _read_examples(file: str, stage: str | None, dataset_info: str | None, problems: list,
+                   reasons: Counter) -> tuple[list[str], str, list]:
+    """Read and normalise the file as training would, collecting every problem instead of stopping at the
+    first; returns the report's opening lines (file, format, stage, rows), the stage and the examples."""
     info = read_dataset_info(dataset_info) if dataset_info else None
     plan = resolve_source(DataSource(path=str(file)), info, dataset_info, KINDS.get(stage, "conversation"))
-    problems: list[DataError] = []
     rows = read_rows(plan.path, errors=problems)
     unreadable = len(problems)  # lines that are not even a record (bad JSON, wrong CSV field count)
-    reasons = Counter(_reason(error) for error in problems)
+    reasons.update(_reason(error) for error in problems)
     out = [f"file: {plan.path}" + (f" (dataset '{file}' in {dataset_info})" if plan.path != str(file) else "")]
-    warnings: list[str] = []
     fmt = plan.format
     if fmt == "auto" and rows:
         fmt = detect_format(rows, plan.path, kind=KINDS.get(stage), columns=plan.columns)
@@ -171,43 +171,67 @@ def inspect_data(file: str, *, model: str | None = None, stage: str | None = Non
                 reasons[_reason(error)] += 1
     read = len(rows) + unreadable
     out.append(f"rows: {read} read, {len(examples)} usable, {read - len(examples)} invalid")
-    if not examples:
-        warnings.append("no usable examples: training on this file would fail")
+    return out, stage, examples
 
-    if stage == "classify" and examples:
-        counts = Counter(e.label for e in examples)
-        out.append(f"labels ({len(counts)}):")
-        out += [f"  {label}: {n} ({100 * n / len(examples):.1f}%)" for label, n in counts.most_common()]
-        if len(counts) < 2:
-            warnings.append(f"classify needs at least 2 labels, found {sorted(counts)}")
 
-    if model and examples:
-        from ..modeling import load_tokenizer
+def _label_report(examples: list, warnings: list) -> list[str]:
+    counts = Counter(e.label for e in examples)
+    lines = [f"labels ({len(counts)}):"]
+    lines += [f"  {label}: {n} ({100 * n / len(examples):.1f}%)" for label, n in counts.most_common()]
+    if len(counts) < 2:
+        warnings.append(f"classify needs at least 2 labels, found {sorted(counts)}")
+    return lines
 
-        tokenizer = load_tokenizer(model, chat_template)
-        if stage == "sft" and not getattr(tokenizer, "chat_template", None):
-            warnings.append(f"the tokenizer of {model} has no chat template: {TEMPLATE_HINT}")
-            out.append("tokens: not computed (no chat template)")
-            out += ["example (normalised, no chat template to render it):"] + _normalised(examples[0])
-        else:
-            out += _token_report(examples, tokenizer, stage, max_length, problems, reasons, warnings)
-            try:
-                out += _rendered(examples[0], tokenizer)
-            except (DataError, TemplateError) as error:
-                out += [f"example ({examples[0].source}, normalised; rendering failed: {error}):"]
-                out += _normalised(examples[0])
-    elif examples:
+
+def _example_report(examples: list, stage: str, model: str | None, max_length: int, chat_template: str | None,
+                    problems: list, reasons: Counter, warnings: list) -> list[str]:
+    """Token lengths and the first example rendered for the model (with a model), else normalised."""
+    if not model:
         if chat_template:
             warnings.append("--chat-template is only used together with --model")
-        out += [f"example ({examples[0].source}, normalised):"] + _normalised(examples[0])
+        return [f"example ({examples[0].source}, normalised):"] + _normalised(examples[0])
+    from ..modeling import load_tokenizer
 
+    tokenizer = load_tokenizer(model, chat_template)
+    if stage == "sft" and not getattr(tokenizer, "chat_template", None):
+        warnings.append(f"the tokenizer of {model} has no chat template: {TEMPLATE_HINT}")
+        return (["tokens: not computed (no chat template)", "example (normalised, no chat template to render it):"]
+                + _normalised(examples[0]))
+    lines = _token_report(examples, tokenizer, stage, max_length, problems, reasons, warnings)
+    try:
+        lines += _rendered(examples[0], tokenizer)
+    except (DataError, TemplateError) as error:
+        lines += [f"example ({examples[0].source}, normalised; rendering failed: {error}):"]
+        lines += _normalised(examples[0])
+    return lines
+
+
+def _closing_report(problems: list, reasons: Counter, warnings: list) -> list[str]:
+    """Problems by reason and the first few in file order, then the warnings."""
+    lines = []
     if problems:
-        out.append(f"problems ({sum(reasons.values())}) by reason:")
-        out += [f"  {n} x {reason}" for reason, n in reasons.most_common()]
-        out.append("first problems:")
-        out += [f"  {error}" for error in sorted(problems, key=_line_key)[:SHOW_PROBLEMS]]
-        out.append("  (training stops at the first problem; data.skip_invalid=true skips and counts them)")
+        lines.append(f"problems ({sum(reasons.values())}) by reason:")
+        lines += [f"  {n} x {reason}" for reason, n in reasons.most_common()]
+        lines.append("first problems:")
+        lines += [f"  {error}" for error in sorted(problems, key=_line_key)[:SHOW_PROBLEMS]]
+        lines.append("  (training stops at the first problem; data.skip_invalid=true skips and counts them)")
     if warnings:
-        out.append("warnings:")
-        out += [f"  - {w}" for w in warnings]
-    return "\n".join(out)
+        lines.append("warnings:")
+        lines += [f"  - {w}" for w in warnings]
+    return lines
+
+
+def inspect_data(file: str, *, model: str | None = None, stage: str | None = None, max_length: int = 1024,
+                 dataset_info: str | None = None, chat_template: str | None = None) -> str:
+    """The report `posttrain data inspect` prints for one data file (or dataset_info entry)."""
+    problems: list[DataError] = []
+    reasons: Counter = Counter()
+    warnings: list[str] = []
+    out, stage, examples = _read_examples(file, stage, dataset_info, problems, reasons)
+    if not examples:
+        warnings.append("no usable examples: training on this file would fail")
+    elif stage == "classify":
+        out += _label_report(examples, warnings)
+    if examples:
+        out += _example_report(examples, stage, model, max_length, chat_template, problems, reasons, warnings)
+    return "\n".join(out + _closing_report(problems, reasons, warnings))

@@ -40,7 +40,7 @@ def _train(out: Path, name: str, body: dict) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 48) -> list[str]:
+def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 96) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,238 @@
+"""Conversation rows (alpaca, sharegpt, messages, prompt_completion) normalised into Conversations.
+
+`_Fields` is a row seen through the user's column renames; every problem is a DataError naming the row's
+location and the offending field as the file spells it. formats.py picks the format and calls these.
+"""
+from __future__ import annotations
+
+import json
+
+from ..errors import DataError
+from .examples import Conversation, Message
+from .sources import Row
+
+# LLaMA-Factory's canonical column names -> ours, per format
+_ALIASES = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+            "sharegpt": {"messages": "conversations"}, "text": {"prompt": "text"},
+            "classification": {"prompt": "text"}}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                  "function": "tool"}  # OpenAI's older name for a tool result
+ALPACA_JOIN = "\n"  # instruction + input, joined as LLaMA-Factory does ("instruction\ninput")
+
+
+class _Fields:
+    """A row seen through the user's column renames; errors name the file's own column."""
+
+    def __init__(self, row: Row, fmt: str, columns: dict | None):
+        aliases = _ALIASES.get(fmt, {})
+        self.names = {aliases.get(key, key): value for key, value in (columns or {}).items()}
+        self.row = row
+
+    def name(self, key: str) -> str:
+        return self.names.get(key, key)
+
+    def get(self, key: str):
+        return self.row.data.get(self.name(key))
+
+    def error(self, message: str, field: str) -> DataError:
+        return DataError(message, location=self.row.location, field=field)
+
+    def require(self, key: str):
+        value = self.get(key)
+        if value is None:
+            state = "is null" if self.name(key) in self.row.data else "is missing"
+            raise self.error(f"required field {state}", self.name(key))
+        return value
+
+    def string(self, key: str, required: bool = True) -> str | None:
+        value = self.require(key) if required else self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.error(f"must be a string, got {_type(value)}", self.name(key))
+        return value
+
+
+def _type(value) -> str:
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number",
+            str: "a string"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- messages, tool calls, tools
+
+def _turns(f: _Fields, key: str, role_key: str, content_key: str, roles: dict) -> list[Message]:
+    turns, name = f.require(key), f.name(key)
+    if not isinstance(turns, list):
+        raise f.error(f"must be a list of messages, got {_type(turns)}", name)
+    return [_turn(f, turn, f"{name}[{i}]", role_key, content_key, roles) for i, turn in enumerate(turns)]
+
+
+def _turn(f: _Fields, turn, where: str, role_key: str, content_key: str, roles: dict) -> Message:
+    """One message; a turn in the other common style ("role"/"content" or "from"/"value") is accepted."""
+    if not isinstance(turn, dict):
+        raise f.error(f"must be a message object, got {_type(turn)}", where)
+    if role_key not in turn and "role" in turn:
+        role_key, content_key, roles = "role", "content", _MESSAGE_ROLES
+    elif role_key not in turn and "from" in turn:
+        role_key, content_key, roles = "from", "value", _sharegpt_roles(SHAREGPT_TAGS)
+    tag = turn.get(role_key)
+    if tag is None:
+        raise f.error("required field is missing", f"{where}.{role_key}")
+    role = roles.get(tag) if isinstance(tag, str) else None
+    if role is None:
+        raise f.error(f"unknown role {tag!r} (allowed: {', '.join(roles)})", f"{where}.{role_key}")
+    raw, calls = turn.get(content_key), turn.get("tool_calls")
+    if role == "function_call":  # sharegpt: the content is the call itself, as JSON
+        calls = _function_call(f, raw, f"{where}.{content_key}")
+        return {"role": "assistant", "content": "", "tool_calls": calls}
+    message: Message = {"role": role}
+    if calls:
+        if role != "assistant":
+            raise f.error(f"only assistant messages may carry tool calls, not {role}", f"{where}.tool_calls")
+        message["tool_calls"] = _tool_calls(f, calls, f"{where}.tool_calls")
+    message["content"] = "" if raw is None and calls else _content(f, raw, f"{where}.{content_key}")
+    for extra in ("name", "tool_call_id"):
+        if isinstance(turn.get(extra), str):
+            message[extra] = turn[extra]
+    return message
+
+
+def _sharegpt_roles(tags: dict) -> dict:
+    return {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
+            tags["function_tag"]: "function_call", tags["system_tag"]: "system"}
+
+
+def _content(f: _Fields, raw, where: str) -> str:
+    """A string, or OpenAI content parts [{"type": "text", "text": ...}] joined together."""
+    if isinstance(raw, str):
+        return raw
+    if raw is None:
+        raise f.error("required field is missing", where)
+    if not isinstance(raw, list):
+        raise f.error(f"must be a string or a list of text parts, got {_type(raw)}", where)
+    texts = []
+    for j, part in enumerate(raw):
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else _type(part)
+            raise f.error(f"only text content parts are supported, got {kind!r}", f"{where}[{j}]")
+    return "".join(texts)
+
+
+def _function_call(f: _Fields, raw, where: str) -> list[dict]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise f.error(f"function call is not valid JSON ({exc.msg})", where) from None
+    return _tool_calls(f, raw, where)
+
+
+def _tool_calls(f: _Fields, calls, where: str) -> list[dict]:
+    """OpenAI tool calls, or bare {"name", "arguments"} objects, as [{"type": "function", "function": ...}]."""
+    result = []
+    for i, call in enumerate(calls if isinstance(calls, list) else [calls]):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            at = f"{where}[{i}]" if isinstance(calls, list) else where
+            raise f.error("a tool call needs a 'name' (and 'arguments')", at)
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):  # OpenAI sends a JSON string; chat templates expect an object
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        result.append(entry)
+    return result
+
+
+def _tools(f: _Fields) -> list[dict] | None:
+    """Tool definitions (a JSON string or a list), each as {"type": "function", "function": ...}."""
+    raw, name = f.get("tools"), f.name("tools")
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise f.error(f"not valid JSON ({exc.msg})", name) from None
+    if not raw:
+        return None
+    tools = raw if isinstance(raw, list) else [raw]
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise f.error(f"must be a tool definition object, got {_type(tool)}", f"{name}[{i}]")
+    return [tool if "function" in tool else {"type": "function", "function": tool} for tool in tools]
+
+
+def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+    """A system prompt from a column (or the default) unless the conversation starts with one."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _check(f: _Fields, messages: list[Message], where: str) -> list[Message]:
+    if not messages:
+        raise f.error("the conversation is empty", where)
+    first = next((m for m in messages if m["role"] != "system"), None)
+    if first is not None and first["role"] == "assistant":
+        raise f.error("the first non-system message is from the assistant; it must follow a user message", where)
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in messages):
+        raise f.error("the conversation has no assistant turn with content", where)
+    return messages
+
+
+# ---------------------------------------------------------------- the formats
+
+def _alpaca(f: _Fields, system: str | None) -> Conversation:
+    history, name = f.get("history") or [], f.name("history")
+    if not isinstance(history, list):
+        raise f.error(f"must be a list of [user, assistant] pairs, got {_type(history)}", name)
+    messages: list[Message] = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise f.error("must be a [user, assistant] pair of strings", f"{name}[{i}]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction, query = f.string("instruction"), f.string("input", required=False)
+    prompt = ALPACA_JOIN.join(part for part in (instruction, query) if part)
+    if not prompt.strip():
+        raise f.error("is empty", f.name("instruction"))
+    output = f.string("output")
+    if not output.strip():
+        raise f.error("is empty (no assistant answer)", f.name("output"))
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    messages = _with_system(messages, f.string("system", required=False) or system)
+    return Conversation(messages, tools=_tools(f))
+
+
+def _sharegpt(f: _Fields, tags: dict | None, system: str | None) -> Conversation:
+    tags = {**SHAREGPT_TAGS, **(tags or {})}
+    messages = _turns(f, "conversations", tags["role_tag"], tags["content_tag"], _sharegpt_roles(tags))
+    messages = _with_system(messages, f.string("system", required=False) or system)
+    return Conversation(_check(f, messages, f.name("conversations")), tools=_tools(f))
+
+
+def _messages(f: _Fields, system: str | None) -> Conversation:
+    messages = _with_system(_turns(f, "messages", "role", "content", _MESSAGE_ROLES), system)
+    return Conversation(_check(f, messages, f.name("messages")), tools=_tools(f))
+
+
+def _prompt_completion(f: _Fields, system: str | None) -> Conversation:
+    parts = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = f.get(key)
+        if isinstance(value, list):
+            parts.append(_turns(f, key, "role", "content", _MESSAGE_ROLES))
+        elif not f.string(key).strip():
+            raise f.error("is empty", f.name(key))
+        else:
+            parts.append([{"role": role, "content": value}])
+    messages = _with_system(parts[0] + parts[1], system)
+    return Conversation(_check(f, messages, f.name("completion")), tools=_tools(f))

@@ -1,0 +1,120 @@
+"""Verifiable tasks for the demo (offline, deterministic, stdlib only): arithmetic, reversing, sorting,
+lookup, uppercase. `make_tasks` draws them, `check` scores a completion against the reference answer.
+
+Answer format: the answer alone, nothing else ("12", "tac", "2 5 9", "CAT").
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+Seed = int | str
+
+# --------------------------------------------------------------------------------------- tasks
+KINDS = ("add", "reverse", "sort", "lookup", "upper")
+WORDS = ("cat dog sun map cup pen box hat bird fish frog lamp desk door rain snow tree leaf rock sand "
+         "milk bread soup rice cake salt plum pear lime corn bean nut egg tea jam ship boat road park "
+         "king moon star wind fire gold blue green red pink mild warm cold fast slow kind bold calm wolf "
+         "bear duck goat lion seal swan owl ant bee fox kite drum bell ring coin song book note page").split()
+NAMES = ("Ana Ben Cleo Dan Eva Finn Gus Hana Ivo Jade Kim Leo Mia Nico Omar Pia Quinn Rosa Sam Tara "
+         "Uma Vic Wes Yara Zoe").split()
+NUM_THINGS = ("locker", "seat", "room", "table", "ticket", "bus")
+COLOR_THINGS = ("bag", "scarf", "bike", "car", "umbrella")
+COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey")
+OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
+       "*": ("times", lambda a, b: a * b)}
+
+ADD_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.")
+REVERSE_TEMPLATES = ("Reverse the word {w}.", "Write {w} backwards.", "Spell the word {w} in reverse.")
+SORT_TEMPLATES = ("Sort these numbers from smallest to largest: {xs}", "Put in ascending order: {xs}",
+                  "Order from low to high: {xs}")
+UPPER_TEMPLATES = ("Write the word {w} in capital letters.", "Uppercase the word {w}.",
+                   "Write {w} in upper case.")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A verifiable task: `answer` is the exact reference; `check` compares a completion to it."""
+
+    kind: str
+    prompt: str
+    answer: str
+
+
+def _task(kind: str, rng: random.Random) -> Task:
+    if kind == "add":
+        op = rng.choice(list(OPS))
+        a, b = (rng.randint(0, 12), rng.randint(0, 12)) if op == "*" else (rng.randint(0, 20), rng.randint(0, 20))
+        if op == "-" and b > a:
+            a, b = b, a
+        return Task(kind, rng.choice(ADD_TEMPLATES).format(a=a, op=op, b=b), str(OPS[op][1](a, b)))
+    if kind in ("reverse", "upper"):
+        w = rng.choice(WORDS)
+        if kind == "reverse":
+            return Task(kind, rng.choice(REVERSE_TEMPLATES).format(w=w), w[::-1])
+        return Task(kind, rng.choice(UPPER_TEMPLATES).format(w=w), w.upper())
+    if kind == "sort":
+        xs = rng.sample(range(0, 30), rng.randint(3, 5))
+        return Task(kind, rng.choice(SORT_TEMPLATES).format(xs=" ".join(map(str, xs))),
+                    " ".join(map(str, sorted(xs))))
+    if kind == "lookup":
+        people = rng.sample(NAMES, rng.randint(2, 4))
+        if rng.random() < 0.6:
+            thing, values = rng.choice(NUM_THINGS), [str(v) for v in rng.sample(range(1, 60), len(people))]
+        else:
+            thing, values = rng.choice(COLOR_THINGS), rng.sample(COLORS, len(people))
+        context = " ".join(f"{p}'s {thing} is {v}." for p, v in zip(people, values))
+        i = rng.randrange(len(people))
+        return Task(kind, f"{context} What is {people[i]}'s {thing}?", values[i])
+    raise ValueError(f"unknown task kind '{kind}' (choose from {', '.join(KINDS)})")
+
+
+def _draw(n: int, make: Callable[[], object], keys: Callable[[object], Iterable[str]],
+          exclude: Iterable[str] = (), unique: bool = False) -> list:
+    """Draw `n` items from `make`, skipping any whose keys are in `exclude` (and repeats if `unique`)."""
+    banned, out = set(exclude), []
+    for _ in range(100 * n + 100):
+        if len(out) == n:
+            break
+        item = make()
+        ks = list(keys(item))
+        if banned.intersection(ks):
+            continue
+        if unique:
+            banned.update(ks)
+        out.append(item)
+    if len(out) < n:
+        raise ValueError(f"could only draw {len(out)} of {n} distinct items; ask for fewer")
+    return out
+
+
+def make_tasks(n: int, seed: Seed = 0, kinds: Iterable[str] | None = None, *, exclude: Iterable[str] = (),
+               unique: bool = False) -> list[Task]:
+    """`n` tasks, kinds in turn (balanced), skipping prompts in `exclude`; `unique` forbids repeats."""
+    kinds = tuple(kinds or KINDS)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown task kind '{k}' (choose from {', '.join(KINDS)})")
+    rng, counter = random.Random(seed), iter(range(10**9))
+    return _draw(n, lambda: _task(kinds[next(counter) % len(kinds)], rng), lambda t: [t.prompt], exclude, unique)
+
+
+_PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?answer\s*(is|:)\s*", re.IGNORECASE)
+_EDGE = " \t.,!?;:'\"`*"
+
+
+def normalize_answer(text: str) -> str:
+    """First non-empty line, without an "Answer:" / "The answer is" prefix, edge punctuation, commas
+    between items or repeated spaces. Case is kept: it is part of the value."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    s = _PREFIX.sub("", lines[0] if lines else "").strip(_EDGE)
+    return " ".join(s.replace(",", " ").split())
+
+
+def check(task_or_answer: Task | dict | str, completion: str) -> float:
+    """1.0 if the completion's answer equals the reference (a Task, a row with "answer", or a string)."""
+    answer = task_or_answer if isinstance(task_or_answer, str) else (
+        task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
+    return float(normalize_answer(completion) == normalize_answer(answer) != "")
