@@ -66,3 +66,23 @@ def test_partial_checkpoint_is_never_picked(tmp_path):
     (root / "step-12").mkdir()  # renamed without its state file: not complete either
     assert find_resume_checkpoint("auto", tmp_path / "out").name == "step-4"
     assert find_resume_checkpoint(None, tmp_path / "out") is None
+
+
+def test_resume_refuses_a_different_batch_plan(tiny_model, tmp_path):
+    from posttrain.config import build_config
+    from posttrain.errors import ConfigError
+    from posttrain.train import run_training
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(16))
+    body = base_config(tiny_model, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2},
+                       resume="auto")
+    run_training(build_config(body))
+    changed = base_config(tiny_model, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2,
+                                                                     "batch_size": 2}, resume="auto")
+    try:
+        run_training(build_config(changed))
+    except ConfigError as exc:
+        assert "different batch plan" in str(exc)
+    else:
+        raise AssertionError("resuming with another batch size must be refused")
+    assert build_config({**body, "resume": False}).resume is None

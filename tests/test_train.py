@@ -200,3 +200,56 @@ def test_classify_with_lora_writes_a_loadable_classifier(tiny_model, tmp_path):
     result = run_cli("export", "--model", tiny_model, "--adapter", out / "adapter", "--out", tmp_path / "x",
                      check=False)
     assert result.returncode == 2 and "classification adapter" in result.stderr
+
+
+def test_new_run_into_a_used_output_dir_leaves_nothing_stale(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(16))
+    out = tmp_path / "reused"
+    run_training(build_config(base_config(tiny_model, data, out, adapter={"type": "lora", "r": 4},
+                                          train={"max_steps": 2})))
+    assert (out / "adapter_config.json").is_file()
+    run_training(build_config(base_config(tiny_model, data, out, train={"max_steps": 2})))
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    saved = weights(out)
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.weight, saved["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_early_stopping_restores_the_best_weights_and_checks_the_metric(tiny_model, tmp_path):
+    from posttrain.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(32))
+    out = tmp_path / "es"
+    # a learning rate this high makes eval loss worse after the first evaluations
+    summary = run_training(build_config(base_config(
+        tiny_model, data, out, data={"eval_fraction": 0.25},
+        train={"max_steps": 40, "lr": 0.3, "eval_steps": 2, "early_stopping_patience": 2, "max_grad_norm": None})))
+    assert summary["stopped_early"]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert summary["best_step"] == best["step"] and summary["best_step"] < summary["steps"]
+    assert summary["final_eval"]["eval_loss"] == pytest.approx(best["eval_loss"])
+    with pytest.raises(ConfigError, match="not an eval metric"):
+        run_training(build_config(base_config(tiny_model, data, tmp_path / "typo", data={"eval_fraction": 0.25},
+                                              train={"eval_steps": 2, "early_stopping_patience": 2,
+                                                     "metric_for_best": "eval_acc"})))
+    with pytest.raises(ConfigError, match="needs evaluation data"):
+        run_training(build_config(base_config(tiny_model, data, tmp_path / "noeval",
+                                              train={"early_stopping_patience": 2})))
+
+
+def test_packed_training_loss_equals_unpacked(tiny_model):
+    from posttrain.data.batching import collate, collate_packed
+    from posttrain.stages.lm import lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    torch.manual_seed(0)
+    docs = []
+    for n in (7, 12, 5):
+        ids = torch.randint(4, 300, (n,)).tolist()
+        docs.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    with torch.no_grad():
+        packed_sum, packed_count, _ = lm_loss(model, collate_packed([docs], pad_id=1))
+        plain_sum, plain_count, _ = lm_loss(model, collate(docs, pad_id=1))
+    assert packed_count == plain_count
+    torch.testing.assert_close(packed_sum, plain_sum, atol=1e-4, rtol=1e-5)

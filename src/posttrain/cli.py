@@ -29,6 +29,20 @@ def _inspect(args) -> None:
                        dataset_info=args.dataset_info, chat_template=args.chat_template))
 
 
+def _pairs(args) -> None:
+    from .data.preference import pairs_command
+
+    print(pairs_command(args.file, args.out))
+
+
+def _score(args) -> None:
+    from .score import score_file
+
+    result = score_file(args.model, args.data, args.out, max_length=args.max_length, batch_size=args.batch_size)
+    print(f"scored {result['rows']} rows ({result['kind']}; reward offset {result['offset']:+.4f}) -> {args.out}"
+          + (f"; {result['unscored']} rows could not be scored (null)" if result["unscored"] else ""))
+
+
 def _init_model(args) -> None:
     from .init_model import init_model, read_corpus
 
@@ -74,11 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("inspect", help="detected format, counts, token lengths, problems, a rendered example")
     p.add_argument("file")
     p.add_argument("--model", help="model/tokenizer directory for token statistics and rendering")
-    p.add_argument("--stage", choices=["pt", "sft", "classify"], help="default: guessed from the format")
+    p.add_argument("--stage", choices=["pt", "sft", "classify", "rm", "dpo", "kto"],
+                   help="default: guessed from the format")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--dataset-info", help="LLaMA-Factory dataset_info.json (FILE is then a dataset name)")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     p.set_defaults(func=_inspect)
+
+    p = data.add_parser("pairs", help="expand rankings (best to worst, ties allowed) into preference pairs")
+    p.add_argument("file", help="rankings: rows {prompt, responses: [best, ..., worst], ranks?}")
+    p.add_argument("--out", required=True, help="JSONL of {prompt, chosen, rejected}")
+    p.set_defaults(func=_pairs)
+
+    p = sub.add_parser("score", help="a reward per row from a reward model (stage rm)")
+    p.add_argument("--model", required=True, help="reward model directory")
+    p.add_argument("--data", required=True, help="preference pairs or chats (any supported format)")
+    p.add_argument("--out", required=True, help="JSONL: each row with chosen_reward/rejected_reward or reward")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")

@@ -24,7 +24,8 @@ class DataSource(Section):
 
     path: str = Field(description="File (json, jsonl, csv, parquet, txt), saved `datasets` directory, "
                                   "hub name, or a dataset name from `data.dataset_info`.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "classification"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "classification",
+                    "preference", "preference_alpaca", "preference_sharegpt", "feedback", "ranking"] = Field(
         "auto", description="Row format; `auto` detects it from the columns.")
     columns: dict[str, str] | None = Field(
         None, description="Column renames, canonical name -> column in the file (as in LLaMA-Factory's `columns`).")
@@ -42,6 +43,9 @@ class DataConfig(Section):
     dataset_info: str | None = Field(
         None, description="Path to a LLaMA-Factory `dataset_info.json`; `train`/`eval` entries may then be "
                           "dataset names from it (file_name, formatting, columns and tags are honoured).")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="rm/dpo/kto: when prompt + response exceed `max_length`, keep only the last "
+                                "this-many prompt tokens (default max_length // 2), then cut responses to fit.")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated "
                                                     "(counted and reported). For `pt`, long texts are split into "
                                                     "chunks of this length instead.")
@@ -83,13 +87,13 @@ class TrainConfig(Section):
     save_steps: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep only the newest K checkpoints.")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when `metric_for_best` has not improved for this many evaluations.")
+        None, ge=1, description="Stop when `metric_for_best` has not improved for this many evaluations; the "
+                                "weights of the best evaluation are restored before the result is written.")
     metric_for_best: str = Field("eval_loss", description="Eval metric watched by early stopping "
                                                           "(e.g. eval_loss, eval_accuracy, eval_macro_f1).")
     greater_is_better: bool | None = Field(None, description="Direction of `metric_for_best`; default: "
                                                              "lower is better for losses, higher otherwise.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (OUT/tensorboard) via accelerate.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
 
 class AdapterConfig(Section):
@@ -112,10 +116,51 @@ class FreezeConfig(Section):
     train_embeddings: bool = Field(False, description="Also train the token embeddings (and a tied LM head).")
 
 
+class RewardConfig(Section):
+    center_coef: float = Field(0.0, ge=0, description="Reward centering: adds c * mean((r_chosen + r_rejected)^2) "
+                                                      "to the loss (about 0.01 when used).")
+
+
+class ReferenceConfig(Section):
+    reference: Literal["auto", "adapter", "copy", "precompute"] = Field(
+        "auto", description="The reference model: `adapter` = the base with the LoRA adapter disabled (no copy), "
+                            "`copy` = a frozen copy in memory, `precompute` = reference log-probs computed once "
+                            "before training (no reference model in memory while training). `auto`: adapter "
+                            "with LoRA, else precompute.")
+    precompute_reference: bool = Field(False, description="Shorthand for `reference: precompute`.")
+
+    @property
+    def strategy(self) -> str:
+        return "precompute" if self.precompute_reference else self.reference
+
+
+class DPOConfig(ReferenceConfig):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (ORPO: the weight of the "
+                                               "odds-ratio term; SimPO: the reward scale).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge, robust (label smoothing, unbiased), simpo "
+                               "(length-normalised, no reference, margin `simpo_gamma`), orpo (no reference; "
+                               "NLL of the chosen response + odds ratio).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid (cDPO) and robust: probability that a "
+                                                                  "preference label is flipped.")
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin.")
+    sft_weight: float | None = Field(None, ge=0, description="Adds this times the mean token NLL of the chosen "
+                                                            "response. Default: 1 for orpo, 0 otherwise.")
+    prefix_sharing: bool = Field(False, description="Run the shared prompt once per pair instead of twice "
+                                                    "(same losses and gradients, fewer tokens).")
+
+
+class KTOConfig(ReferenceConfig):
+    beta: float = Field(0.1, gt=0, description="KTO beta.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples (lambda_D).")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples (lambda_U).")
+
+
 class Config(Section):
-    stage: Literal["pt", "sft", "classify"] = Field(description="What to train: `pt` continued pretraining on "
-                                                               "raw text, `sft` supervised fine-tuning, "
-                                                               "`classify` text classification.")
+    stage: Literal["pt", "sft", "classify", "rm", "dpo", "kto"] = Field(
+        description="What to train: `pt` continued pretraining on raw text, `sft` supervised fine-tuning, "
+                    "`classify` text classification, `rm` a reward model from preference pairs, `dpo` the DPO "
+                    "family on preference pairs, `kto` KTO on unpaired desirable/undesirable examples.")
     model: str = Field(description="Model directory or hub id (AutoModelForCausalLM, or "
                                    "AutoModelForSequenceClassification for classify).")
     output_dir: str = Field(description="Where the result lands: the model or adapter itself, with "
@@ -131,11 +176,14 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    rm: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
 
-    @field_validator("resume")
+    @field_validator("resume", mode="before")
     @classmethod
-    def _resume(cls, value: str | None) -> str | None:
-        return None if value in (None, "", "none", "false", "False") else value
+    def _resume(cls, value):
+        return None if value in (None, False, "", "none", "false", "False") else value
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
@@ -143,8 +191,8 @@ class Config(Section):
             raise ValueError("choose one of adapter.type=lora and freeze.trainable_layers, not both")
         if self.freeze.gradual_unfreeze and self.freeze.trainable_layers is None:
             raise ValueError("freeze.gradual_unfreeze needs freeze.trainable_layers")
-        if self.data.packing and self.stage == "classify":
-            raise ValueError("data.packing applies to pt and sft, not classify")
+        if self.data.packing and self.stage not in ("pt", "sft"):
+            raise ValueError("data.packing applies to pt and sft only")
         return self
 
     @property
@@ -269,7 +317,7 @@ def reference_markdown() -> str:
 
     lines += ["## Top level", ""]
     table(Config, "")
-    for name in ("data", "train", "adapter", "freeze"):
+    for name in ("data", "train", "adapter", "freeze", "rm", "dpo", "kto"):
         lines += [f"## `{name}`", ""]
         table(Config.model_fields[name].annotation, f"{name}.")
     lines += ["## Data source entries (`data.train` / `data.eval` items)", ""]

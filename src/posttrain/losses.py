@@ -4,13 +4,18 @@ Conventions: `labels` are aligned with `input_ids` (Hugging Face style) and -100
 are not trained; the shift (token t is predicted from positions < t) happens here. Losses return a
 *sum* and a count so the training loop can normalise over all micro-batches of an optimizer step
 (a token-level mean across gradient accumulation, not a mean of means).
+Preference losses (Bradley–Terry, the DPO family, KTO) return one value per pair or example; the stage
+sums or averages them.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+Tensor = torch.Tensor
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -48,3 +53,189 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
             continue
         scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference learning: sequence log-probs, Bradley–Terry, the DPO family and KTO.
+#
+# Parity notes: TRL 1.16 (trl/trainer/dpo_trainer.py, kto_trainer.py, reward_trainer.py) is the reference
+# implementation; tests/test_trl_parity.py checks sigmoid / ipo / hinge DPO, KTO and the reward-model loss against
+# TRL's own `compute_loss` to 1e-5. Where TRL and the papers differ, we follow TRL and say so below.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token log-probabilities of the targets, 0 where not trained.
+
+    out[n, t] = [labels[n, t+1] != -100] * log softmax(logits[n, t])[labels[n, t+1]]
+
+    `logits` [N, L, V], `labels` [N, L] aligned with input_ids; returns [N, L-1] (position t scores the token at
+    t+1, as in TRL's fused head). fp32, one sequence at a time, so the fp32 temporaries are [L, V], never [N, L, V].
+    """
+    targets = labels[:, 1:]
+    if logits.size(0) == 0:
+        return logits.new_zeros(targets.shape, dtype=torch.float32)
+    rows = [F.cross_entropy(logits[n, :-1].float(), targets[n], ignore_index=IGNORE, reduction="none")
+            for n in range(logits.size(0))]
+    return -torch.stack(rows)  # cross_entropy already gives 0 at ignored positions
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of the target log-probabilities over each sequence's trained tokens, and how many there are.
+
+    logp(y|x) = sum_t [labels[t+1] != -100] * log softmax(logits[t])[labels[t+1]]
+
+    [N, L, V], [N, L] -> ([N] fp32, [N] int64). The length-normalised log-prob (SimPO, ORPO, IPO) is
+    logps / counts.clamp(min=1).
+    """
+    counts = (labels[:, 1:] != IGNORE).sum(dim=1)
+    return token_logps(logits, labels).sum(dim=1), counts
+
+
+def bradley_terry(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
+                  center_coef: float = 0.0) -> Tensor:
+    """Per-pair Bradley–Terry reward-model loss, with optional margin and reward centering.
+
+    L_i = -log σ(r_w - r_l - m_i) + c · (r_w + r_l)²
+
+    The mean over pairs equals TRL's RewardTrainer loss exactly: -mean log σ(r_w - r_l - m) +
+    c · mean((r_w + r_l)²) (`center_rewards_coefficient`, Eisenstein et al. 2023 suggest c = 0.01).
+    """
+    difference = chosen_rewards.float() - rejected_rewards.float()
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference)
+    if center_coef:
+        loss = loss + center_coef * (chosen_rewards.float() + rejected_rewards.float()) ** 2
+    return loss
+
+
+def _logratio_difference(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> Tensor:
+    """h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))."""
+    return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+
+
+def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+                label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """DPO (Rafailov et al. 2023), with conservative label smoothing ε (cDPO):
+
+    L = -(1 - ε) log σ(β h) - ε log σ(-β h)        (ε = 0: plain DPO; at π = π_ref, L = ln 2)
+
+    TRL 1.16's "sigmoid" has no ε (its label smoothing lives in "robust"/"exo_pair"); at ε = 0 they agree.
+    """
+    logits = beta * _logratio_difference(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_ipo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+            label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """IPO (Azar et al. 2023, Eq. 17, with τ = β):  L = (h - 1/(2β))²
+
+    The caller passes LENGTH-NORMALISED log-probs (logps / tokens, for policy and reference), so h is the
+    difference of per-token average log-ratios. The paper writes h on summed log-probs; TRL 1.16 averages per
+    token (confirmed with the IPO authors, per TRL's comment), and we follow TRL for parity.
+    """
+    h = _logratio_difference(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def dpo_hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+              label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """Hinge / SLiC (Zhao et al. 2023):  L = max(0, 1 - β h)."""
+    h = _logratio_difference(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return torch.relu(1 - beta * h)
+
+
+def dpo_robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+               label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate ε ∈ [0, 0.5):
+
+    L = (-(1 - ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε)      (TRL's "robust", same form)
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    logits = beta * _logratio_difference(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+
+
+def dpo_simpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta,
+              label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, target margin γ:
+
+    L = -(1 - ε) log σ(β (avg_w - avg_l) - γ) - ε log σ(-(β (avg_w - avg_l) - γ))
+
+    avg = log π(y|x) / |y|: the caller passes LENGTH-NORMALISED log-probs; the reference arguments are ignored.
+    γ is the paper's margin itself (TRL's CPOTrainer takes γ/β as `simpo_gamma`; same loss with γ = β · ratio).
+    """
+    logits = beta * (chosen_logps - rejected_logps) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_orpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta,
+             label_smoothing=0.0, gamma=0.5) -> Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024), reference-free; β plays ORPO's λ:
+
+    L = -β log σ(log odds(y_w) - log odds(y_l)),   log odds(y) = avg - log(1 - exp(avg))
+
+    avg = log π(y|x) / |y|: the caller passes LENGTH-NORMALISED log-probs; the reference arguments are ignored.
+    The NLL of the chosen response, the other half of ORPO, is added by the stage. log(1 - exp(avg)) is computed as
+    log(-expm1(avg)), accurate near avg = 0 (TRL writes log1p(-exp(avg)); equal in exact arithmetic).
+    """
+    def log_odds(avg):
+        return avg - torch.log(-torch.expm1(avg))
+
+    return -beta * F.logsigmoid(log_odds(chosen_logps) - log_odds(rejected_logps))
+
+
+DPO_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "sigmoid": dpo_sigmoid,
+    "ipo": dpo_ipo,
+    "hinge": dpo_hinge,
+    "robust": dpo_robust,
+    "simpo": dpo_simpo,
+    "orpo": dpo_orpo,
+}
+# Losses whose log-prob arguments are per-token averages (logps / counts), not sums.
+LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "simpo", "orpo"})
+# Losses that need no reference model (their reference arguments are ignored).
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
+
+
+def dpo_rewards(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta) -> tuple[Tensor, Tensor]:
+    """Implicit rewards r = β (log π(y|x) - log π_ref(y|x)), detached; for metrics (rewards, margin, accuracy).
+
+    For reference-free losses pass None (or 0) as the reference: r = β log π(y|x).
+    """
+    def reward(logps, ref_logps):
+        return beta * (logps - (0 if ref_logps is None else ref_logps)).detach()
+
+    return reward(chosen_logps, ref_chosen_logps), reward(rejected_logps, ref_rejected_logps)
+
+
+def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point: z_ref = mean_i (log π(y'_i|x_i) - log π_ref(y'_i|x_i)), detached.
+
+    y'_i are completions of OTHER prompts (mismatched pairs). TRL builds them by rotating the completions by one
+    within each batch, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}), and computes the policy side under no_grad.
+    Not clamped here; kto_loss clamps at 0 (TRL clamps after averaging across processes).
+    """
+    return (policy_kl_logps.float() - ref_kl_logps.float()).mean().detach()
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl: Tensor, *, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, Eq. 7), per example:
+
+    r = log π(y|x) - log π_ref(y|x),  z0 = max(0, kl) (no gradient)
+    desirable:   L = w_D (1 - σ(β (r - z0)))
+    undesirable: L = w_U (1 - σ(β (z0 - r)))
+
+    The batch loss is the plain mean over examples, as in TRL (which concatenates desirable then undesirable
+    losses and takes the mean; order does not matter).
+    """
+    r = policy_logps - ref_logps
+    z0 = kl.clamp(min=0).detach()
+    desirable_loss = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    undesirable_loss = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable.bool(), desirable_loss, undesirable_loss)

@@ -23,24 +23,25 @@ log = logging.getLogger("posttrain")
 
 # ---------------------------------------------------------------- tokenizer
 
-def _check_model_path(name: str) -> None:
-    path = Path(name)
+def resolve_model_path(name: str) -> str:
+    """The local directory (with ~ expanded), or the name as a hub id when no such directory exists."""
+    path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ConfigError(f"model directory {name} has no config.json")
-        return
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local:
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"model not found: {name} (no such directory; give a model directory or a hub id "
                           f"such as Qwen/Qwen2.5-0.5B, or create one with `posttrain init-model`)")
+    return name
 
 
 def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False):
-    _check_model_path(name)
+    source = resolve_model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise ConfigError(f"could not load a tokenizer from {name}: {exc}") from None
+        raise ConfigError(f"model not found or not loadable: {name} ({str(exc).splitlines()[0]})") from None
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.pad_token is None:
@@ -91,23 +92,53 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, labels: list[str] | None = None,
                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """task: "causal" (AutoModelForCausalLM) or "classify" (AutoModelForSequenceClassification)."""
-    _check_model_path(name)
+    """task: "causal" (AutoModelForCausalLM), "classify" (AutoModelForSequenceClassification with `labels`)
+    or "reward" (AutoModelForSequenceClassification with one output: a scalar reward)."""
+    name = resolve_model_path(name)
     kwargs: dict = dict(trust_remote_code=trust_remote_code, dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if task == "classify":
+    if task in ("classify", "reward"):
         labels = labels or []
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={label: i for i, label in enumerate(labels)})
+        if task == "reward":
+            kwargs.update(num_labels=1)
+        else:
+            kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: i for i, label in enumerate(labels)})
         if tokenizer is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        model = _from_pretrained(AutoModelForSequenceClassification, name, kwargs)
+        if task == "reward" and not _is_sequence_classifier(name):
+            _init_reward_head(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, name, kwargs)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _from_pretrained(auto_class, name: str, kwargs: dict):
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model not found or not loadable: {name} ({str(exc).splitlines()[0]})") from None
+
+
+def _is_sequence_classifier(name: str) -> bool:
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(name).architectures or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def _init_reward_head(model) -> None:
+    """A fresh reward head drawn from N(0, 1/sqrt(d+1)) (Stiennon et al.), so initial rewards are small."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / (head.in_features + 1) ** 0.5)
+            if head.bias is not None:
+                head.bias.zero_()
 
 
 def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
@@ -122,7 +153,7 @@ def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
                               f"(linear modules: {', '.join(sorted(linear_module_names(model)))})")
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=target,
                         use_rslora=adapter.rslora,
-                        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM)
+                        task_type=TaskType.SEQ_CLS if task in ("classify", "reward") else TaskType.CAUSAL_LM)
     return get_peft_model(model, config)
 
 
@@ -203,7 +234,7 @@ def merge_adapter(base: str, adapter: str, out: str, trust_remote_code: bool = F
     """`posttrain export`: fold a LoRA adapter into its base model (W' = W0 + (alpha/r) B A)."""
     from peft import PeftConfig, PeftModel
 
-    _check_model_path(base)
+    base = resolve_model_path(base)
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
     peft_config = PeftConfig.from_pretrained(adapter)

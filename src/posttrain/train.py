@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data.batching import collate, collate_packed, pack
 from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained,
                        write_into)
 from .plots import plot_metrics
@@ -41,16 +41,19 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
     eval_examples, eval_report = [], None
     if data.eval:
         eval_examples, eval_report = load_examples(data.eval, **common)
-    elif data.eval_fraction > 0:
-        train_examples, eval_examples = split_eval(train_examples, data.eval_fraction, config.train.seed)
     labels = None
-    if stage.task == "classify":
+    if stage.task == "classify":  # from all rows, before a held-out split can take a rare label away
         labels = data.labels or sorted({e.label for e in train_examples})
         if len(labels) < 2:
             raise DataError(f"classify needs at least 2 labels, found {labels}")
+    if not data.eval and data.eval_fraction > 0:
+        train_examples, eval_examples = split_eval(train_examples, data.eval_fraction, config.train.seed)
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
-    encode = partial(encode_all, tokenizer=tokenizer, stage=stage.name, max_length=data.max_length,
-                     train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid)
+    if stage.encode is not None:
+        encode = partial(stage.encode, tokenizer=tokenizer, config=config)
+    else:
+        encode = partial(encode_all, tokenizer=tokenizer, stage=stage.name, max_length=data.max_length,
+                         train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid)
     train_features, train_stats = encode(train_examples)
     eval_features, eval_stats = encode(eval_examples) if eval_examples else ([], None)
     if not train_features:
@@ -62,8 +65,12 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
                        "train_examples": len(train_features), "eval_examples": len(eval_features)}}
 
 
-def build_units(features: list[dict], config: Config, pad_id: int, attn_implementation: str = "sdpa"):
-    """Training items and how to batch them: single examples with padding, or packed rows."""
+def build_units(features: list[dict], config: Config, stage: Stage, pad_id: int, attn_implementation: str = "sdpa",
+                ctx=None):
+    """Training items, how to batch them and their length in tokens: the stage's own collation (pairs),
+    single examples with padding, or packed rows."""
+    if stage.collate is not None:
+        return features, partial(stage.collate, pad_id=pad_id, ctx=ctx), stage.length or (lambda f: len(f["input_ids"]))
     if config.data.packing:
         groups = pack([len(f["input_ids"]) for f in features], config.data.max_length)
         units = [[features[i] for i in g] for g in groups]
@@ -91,13 +98,27 @@ def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path) -
     """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model)."""
     def write(staging: Path) -> None:
         to_save = model
-        if config.method == "lora" and stage.task == "classify":
+        if config.method == "lora" and stage.task in ("classify", "reward"):
             # a classifier must load with AutoModelForSequenceClassification: merge, keep the adapter beside it
             save_pretrained(model, tokenizer, staging / "adapter", stage.task)
             to_save = model.merge_and_unload()
         save_pretrained(to_save, tokenizer, staging, stage.task)
 
     write_into(out_dir, write)
+
+
+# what a previous run may have left in output_dir; a new run (not a resume) removes it first, so that
+# e.g. a stale adapter_config.json can never make from_pretrained(output_dir) load an old adapter
+PREVIOUS_RUN = ("checkpoints", "plots", "adapter", "tensorboard", "summary.json", "metrics.jsonl", "config.json",
+                "generation_config.json", "adapter_config.json", "chat_template.jinja", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "README.md")
+
+
+def clear_previous_run(out_dir: Path) -> None:
+    for item in out_dir.iterdir():
+        if item.name in PREVIOUS_RUN or item.name.startswith("tokenizer") or item.suffix == ".safetensors" \
+                or item.name.endswith(".safetensors.index.json"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 def run_training(config: Config) -> dict:
@@ -111,33 +132,40 @@ def run_training(config: Config) -> dict:
             log.info("%s: %s", key.replace("_", " "), data["report"][key])
 
     AcceleratorState._reset_state()  # several runs in one process (demo, tests) may differ in precision
+    # gradual unfreezing leaves the lower layers without gradients for a while: DDP must be told
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.freeze.gradual_unfreeze else []
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # without it, CPU processes never form a group
                               mixed_precision="bf16" if config.train.bf16 else "no",
                               log_with="tensorboard" if config.train.tensorboard else None,
-                              project_dir=str(out_dir))
+                              project_dir=str(out_dir), kwargs_handlers=ddp)
     set_seed(config.train.seed)
     model = build_model(config, stage, tokenizer, data["labels"])
     trainable, total = count_parameters(model)
     log.info("model %s: %s, %.2fM of %.2fM parameters trainable", config.model, config.method,
              trainable / 1e6, total / 1e6)
 
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if config.data.packing and attn not in ("sdpa", "eager") and not attn.startswith("flash_attention"):
+        raise ConfigError(f"data.packing works with attn_implementation sdpa, eager or flash_attention_*, "
+                          f"not {attn}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-            (out_dir / "summary.json").unlink(missing_ok=True)
+            clear_previous_run(out_dir)
         (out_dir / "config.yaml").write_text(dump_config(config))
     if config.train.tensorboard:
         accelerator.init_trackers("tensorboard")
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    units, collate_fn, unit_length = build_units(data["train"], config, tokenizer.pad_token_id, attn)
-    eval_units, _, _ = build_units(data["eval"], config, tokenizer.pad_token_id, attn)
+    ctx = stage.setup(config, model, tokenizer, accelerator) if stage.setup else None
+    units, collate_fn, unit_length = build_units(data["train"], config, stage, tokenizer.pad_token_id, attn, ctx)
+    eval_units, _, _ = build_units(data["eval"], config, stage, tokenizer.pad_token_id, attn, ctx)
     from .trainer import Trainer
 
-    trainer = Trainer(config, model, stage, units, eval_units, unit_length, collate_fn, accelerator, out_dir)
+    trainer = Trainer(config, model, stage, units, eval_units, unit_length, collate_fn, accelerator, out_dir, ctx)
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     result = trainer.fit(resume_from)
+    if stage.finish is not None:
+        result.update(stage.finish(trainer, ctx))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_output(accelerator.unwrap_model(trainer.model), tokenizer, config, stage, out_dir)

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from . import checkpoint as ckpt
 from .config import Config
+from .errors import ConfigError, DataError
 from .data.batching import batch_indices
 from .modeling import decoder_layers, set_trainable_layers
 from .stages import Stage
@@ -34,13 +35,9 @@ class LoopState:
     best_metric: float | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    best_step: int | None = None
     tokens_seen: int = 0
-
-
-def count_items(batch: dict) -> int:
-    """What a loss is averaged over: trained (shifted) tokens for LMs, examples for classifiers."""
-    labels = batch["labels"]
-    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else int(labels.numel())
+    runtime_s: float = 0.0    # training time over all runs, resumed ones included
 
 
 class Trainer:
@@ -48,9 +45,10 @@ class Trainer:
     collate: list of units -> batch dict of tensors."""
 
     def __init__(self, config: Config, model, stage: Stage, units: list, eval_units: list, unit_length: Callable,
-                 collate: Callable, accelerator: Accelerator, out_dir: Path):
-        self.config, self.train_cfg, self.stage = config, config.train, stage
+                 collate: Callable, accelerator: Accelerator, out_dir: Path, ctx=None):
+        self.config, self.train_cfg, self.stage, self.ctx = config, config.train, stage, ctx
         self.units, self.eval_units, self.collate = units, eval_units, collate
+        self.unit_length = unit_length
         self.lengths = [unit_length(u) for u in units]
         self.accelerator, self.out_dir = accelerator, out_dir
         self.state = LoopState()
@@ -61,7 +59,13 @@ class Trainer:
         self.param_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer(model)
-        self.steps_per_epoch = max(1, len(self._epoch_steps(0)))
+        self.steps_per_epoch = len(self._epoch_steps(0))
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(units)} training items cannot fill one step of batch_size x grad_accum x "
+                            f"processes = {self.train_cfg.batch_size * self.train_cfg.grad_accum * accelerator.num_processes}")
+        if self.train_cfg.early_stopping_patience and not eval_units:
+            raise ConfigError("train.early_stopping_patience needs evaluation data (data.eval or data.eval_fraction)")
+        self.best_weights: dict | None = None
         if self.train_cfg.max_steps:
             self.total_steps = self.train_cfg.max_steps
         else:
@@ -116,48 +120,51 @@ class Trainer:
     # ------------------------------------------------------------ one optimizer step
     def _train_step(self, step_batches: list[list[int]]) -> dict:
         batches = [self._to_device(self.collate([self.units[i] for i in b])) for b in step_batches]
-        total_items = torch.tensor(float(sum(count_items(b) for b in batches)), device=self.accelerator.device)
+        local_items = sum(self.stage.count(b) for b in batches)
+        total_items = torch.tensor(float(local_items), device=self.accelerator.device)
         total_items = self.accelerator.reduce(total_items, "sum").clamp(min=1.0)
         world = self.accelerator.num_processes
-        loss_sum = 0.0
+        loss_sum, metric_sums = 0.0, {}
         tokens = sum(self.lengths[i] for b in step_batches for i in b)  # real tokens, padding excluded
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             sync = nullcontext() if last or world == 1 else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    summed, _ = self.stage.loss(self.model, batch)
+                    summed, _, metrics = self.stage.loss(self.model, batch, self.ctx)
                 # DDP averages gradients over processes; scaling by world keeps sum / all items
                 self.accelerator.backward(summed * world / total_items)
             loss_sum += float(summed.detach())
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         max_norm = self.train_cfg.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        local_items = sum(count_items(b) for b in batches)
-        return {"loss": loss_sum / max(local_items, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+        denominator = max(local_items, 1)
+        return {"loss": loss_sum / denominator, "grad_norm": float(grad_norm), "tokens": tokens,
+                "metrics": {k: v / denominator for k, v in metric_sums.items()}}
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         if not self.eval_units:
             return {}
-        order = sorted(range(len(self.eval_units)), key=lambda i: self._unit_len(self.eval_units[i]))
+        order = sorted(range(len(self.eval_units)), key=lambda i: self.unit_length(self.eval_units[i]))
         size = self.train_cfg.batch_size
         batches = (self._to_device(self.collate([self.eval_units[i] for i in order[s:s + size]]))
                    for s in range(0, len(order), size))
         self.model.eval()
-        metrics = self.stage.evaluate(self.model, batches, self.accelerator.autocast)
+        metrics = self.stage.evaluate(self.model, batches, self.accelerator.autocast, self.ctx)
         self.model.train()
         return metrics
-
-    @staticmethod
-    def _unit_len(unit) -> int:
-        return sum(len(f["input_ids"]) for f in unit) if isinstance(unit, list) else len(unit["input_ids"])
 
     def _improved(self, metrics: dict) -> None:
         key = self.train_cfg.metric_for_best
         if key not in metrics:
+            if self.train_cfg.early_stopping_patience:
+                raise ConfigError(f"train.metric_for_best: '{key}' is not an eval metric of stage "
+                                  f"{self.stage.name} (it has: {', '.join(sorted(metrics))})")
             return
         greater = self.train_cfg.greater_is_better
         if greater is None:
@@ -165,6 +172,10 @@ class Trainer:
         value, best = metrics[key], self.state.best_metric
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.evals_without_improvement = value, 0
+            self.state.best_step = self.state.step
+            self.best_eval = metrics
+            if self.train_cfg.early_stopping_patience:  # kept on the CPU, restored if training stops early
+                self.best_weights = ckpt.trainable_state(self.raw_model, self.param_names)
         else:
             self.state.evals_without_improvement += 1
         patience = self.train_cfg.early_stopping_patience
@@ -175,9 +186,15 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> dict:
         acc, cfg = self.accelerator, self.train_cfg
         metrics_file = self.out_dir / "metrics.jsonl"
+        if self.stage.prepare is not None:  # before a checkpoint replaces the initial weights
+            self.stage.prepare(self, self.ctx)
         if resume_from is not None:
             loaded = ckpt.load_checkpoint(resume_from, model=self.raw_model, optimizer=self.optimizer,
                                           scheduler=self.scheduler, rank=acc.process_index)
+            if loaded.get("fingerprint") != self.fingerprint():
+                raise ConfigError(f"resume: {resume_from} was written by a run with a different batch plan "
+                                  f"({loaded.get('fingerprint')} vs now {self.fingerprint()}); start a new "
+                                  f"output_dir or set resume: null")
             self.state = LoopState(**{k: v for k, v in loaded.items() if k in LoopState.__annotations__})
             self._apply_unfreeze(self.state.epoch)
             if acc.is_main_process:  # drop lines the interrupted run logged after this checkpoint
@@ -185,10 +202,11 @@ class Trainer:
                 metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif acc.is_main_process:
             metrics_file.write_text("")
+        self._run_started = time.time()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"{self.stage.name}", dynamic_ncols=True)
-        started, last_eval = time.time(), {}
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
+        started, last_eval = self._run_started, {}
+        window = _new_window()  # sums since the last metrics line
         while self.state.step < self.total_steps and not self.state.stopped_early:
             steps = self._epoch_steps(self.state.epoch)
             step_started = time.time()
@@ -197,6 +215,8 @@ class Trainer:
             window["loss"] += result["loss"]
             window["steps"] += 1
             window["tokens"] += result["tokens"]
+            for key, value in result["metrics"].items():
+                window["metrics"][key] = window["metrics"].get(key, 0.0) + value
             state = self.state
             state.step += 1
             state.batch_in_epoch += 1
@@ -215,7 +235,7 @@ class Trainer:
                 row.update(last_eval)
             if state.step % cfg.log_steps == 0 or evaluate or last:
                 self._log(row, window, result["grad_norm"], metrics_file)
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+                window = _new_window()
                 postfix = {"loss": f"{row['loss']:.4f}"}
                 if last_eval:
                     postfix["eval"] = f"{last_eval.get('eval_loss', 0):.4f}"
@@ -224,18 +244,37 @@ class Trainer:
             if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
                 self.save_checkpoint()
         bar.close()
-        runtime = time.time() - started
+        self.state.runtime_s += time.time() - started
+        if self.best_weights is not None and self.state.best_step != self.state.step:
+            self._restore_best()
+            last_eval = self.best_eval
         return {"steps": self.state.step, "epochs": round(self.state.epoch + self.state.batch_in_epoch /
                                                           max(self.steps_per_epoch, 1), 4),
                 "total_steps_planned": self.total_steps, "stopped_early": self.state.stopped_early,
                 "best_metric": self.state.best_metric, "metric_for_best": cfg.metric_for_best,
-                "final_eval": last_eval, "runtime_s": round(runtime, 2),
+                "best_step": self.state.best_step, "final_eval": last_eval,
+                "runtime_s": round(self.state.runtime_s, 2),
                 "tokens_seen": self.state.tokens_seen}
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its resumption for the batch plan to be the same."""
+        cfg = self.train_cfg
+        return {"seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "processes": self.accelerator.num_processes, "units": len(self.units),
+                "tokens": sum(self.lengths), "total_steps": self.total_steps}
+
+    def _restore_best(self) -> None:
+        params = dict(self.raw_model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                params[name].copy_(value)
 
     def _log(self, row: dict, window: dict, grad_norm: float, metrics_file: Path) -> None:
         """One metrics line: mean train loss since the last line, lr, grad norm, training tokens/s."""
         acc = self.accelerator
-        row.update(loss=round(window["loss"] / max(window["steps"], 1), 6), lr=self.scheduler.get_last_lr()[0],
+        steps = max(window["steps"], 1)
+        row.update({key: round(value / steps, 6) for key, value in window["metrics"].items()})
+        row.update(loss=round(window["loss"] / steps, 6), lr=self.scheduler.get_last_lr()[0],
                    grad_norm=round(grad_norm, 6),
                    tokens_per_s=round(window["tokens"] * acc.num_processes / max(window["seconds"], 1e-9), 1))
         if acc.is_main_process:
@@ -248,9 +287,15 @@ class Trainer:
         acc = self.accelerator
         return ckpt.save_checkpoint(self.out_dir / "checkpoints", self.state.step, model=self.raw_model,
                                     names=self.param_names, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    loop_state=asdict(self.state), rank=acc.process_index,
+                                    loop_state={**asdict(self.state), "fingerprint": self.fingerprint(),
+                                                "runtime_s": self.state.runtime_s + time.time() - self._run_started},
+                                    rank=acc.process_index,
                                     is_main=acc.is_main_process, keep=self.train_cfg.save_total_limit,
                                     barrier=acc.wait_for_everyone)
+
+
+def _new_window() -> dict:
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "metrics": {}}
 
 
 def _read_lines(path: Path) -> list[dict]:

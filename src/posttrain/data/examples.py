@@ -41,11 +41,36 @@ class Labeled:
 
 @dataclass
 class Preference:
-    """A prompt with a preferred and a dispreferred answer (later stages)."""
+    """A prompt with a preferred and a dispreferred answer (stages rm, dpo).
+
+    chosen/rejected are the assistant turn(s) that follow the prompt; `margin` is an optional per-pair
+    target margin (e.g. a rating difference) used by the reward-model loss."""
 
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+    margin: float | None = None
+    source: str = ""
+
+
+@dataclass
+class Ranking:
+    """A prompt with K >= 2 responses; `ranks[i]` is response i's rank (lower is better, equal = tie).
+    Expanded into Preference pairs by preference.expand_ranking."""
+
+    prompt: list[Message]
+    responses: list[list[Message]]
+    ranks: list[int]
+    source: str = ""
+
+
+@dataclass
+class Feedback:
+    """An unpaired completion labelled desirable or not (stage kto)."""
+
+    prompt: list[Message]
+    completion: list[Message]
+    desirable: bool
     source: str = ""
 
 
@@ -58,4 +83,4 @@ class Prompt:
     source: str = ""
 
 
-Example = Text | Conversation | Labeled | Preference | Prompt
+Example = Text | Conversation | Labeled | Preference | Ranking | Feedback | Prompt

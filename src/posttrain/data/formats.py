@@ -7,6 +7,7 @@ Column and role names follow LLaMA-Factory's `dataset_info.json` conventions (se
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import Counter
@@ -14,16 +15,19 @@ from dataclasses import dataclass, field
 
 from ..config import DataSource
 from ..errors import DataError
+from . import preference
 from .chats import _Fields, _alpaca, _messages, _prompt_completion, _sharegpt, _type
 from .examples import Example, Labeled, Text
 from .sources import Plan, Row, read_dataset_info, read_rows, resolve_source
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "classification")
+log = logging.getLogger("posttrain")
+
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "classification") + preference.FORMATS
 KIND_FORMATS = {"text": ("text",), "conversation": ("alpaca", "sharegpt", "messages", "prompt_completion"),
-                "labeled": ("classification",)}
+                "labeled": ("classification",), **preference.KIND_FORMATS}
 _NEEDS = {"text": "stage pt needs raw text (a 'text' column)",
           "conversation": "stage sft needs conversations (alpaca, sharegpt, messages or prompt_completion)",
-          "labeled": "stage classify needs 'text' and 'label' columns"}
+          "labeled": "stage classify needs 'text' and 'label' columns", **preference.NEEDS}
 
 
 # ---------------------------------------------------------------- text and labels (conversations: chats.py)
@@ -58,6 +62,8 @@ def to_example(row: Row, fmt: str, *, kind: str, columns: dict | None = None, ta
                system: str | None = None) -> Example:
     """Normalise one row; `system` is a default system prompt for rows that bring none."""
     check_kind(fmt, kind, row.location)
+    if fmt in preference.FORMATS:  # Preference, Feedback, Ranking (IdenticalPair for chosen == rejected)
+        return preference.to_example(row, fmt, columns, tags, system)
     f = _Fields(row, fmt, columns)
     if fmt == "text":
         example = Text(_text(f))
@@ -77,6 +83,8 @@ def to_example(row: Row, fmt: str, *, kind: str, columns: dict | None = None, ta
 
 def _guess(keys: set, kind: str | None) -> str | None:
     """The format one row's keys suggest, or None."""
+    if kind in preference.KIND_FORMATS:
+        return preference.guess(keys, kind)
     if {"chosen", "rejected"} <= keys:
         return "preference"
     if "conversations" in keys:
@@ -98,8 +106,11 @@ def detect_format(rows: list[Row], path: str, *, kind: str | None = None, column
     keys = (set(row.data) | {renames[key] for key in row.data if key in renames} for row in rows[:20])
     guesses = Counter(guess for guess in (_guess(k, kind) for k in keys) if guess)
     fmt = guesses.most_common(1)[0][0] if guesses else None  # a tie goes to the earlier row's format
-    if fmt == "preference":
-        raise DataError("preference data (chosen/rejected) is not supported by this stage yet", location=path)
+    if fmt == "preference" and kind not in preference.KIND_FORMATS:
+        raise DataError("preference data (chosen/rejected) is for stages rm and dpo, not this stage", location=path)
+    if fmt is None and kind in preference.KIND_FORMATS:
+        seen = sorted(set().union(*(row.data for row in rows[:20])))
+        raise DataError(f"{preference.NEEDS[kind]}; the columns are {seen}", location=path)
     if fmt is None:
         seen = sorted(set().union(*(row.data for row in rows[:20])))
         raise DataError(f"cannot tell the data format from the columns {seen}; known formats: "
@@ -117,6 +128,7 @@ class LoadReport:
 
     sources: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)  # valid rows left out on purpose (chosen == rejected)
 
     def summary(self) -> str:
         lines = [f"{s['path']} ({s['format']}): {s['used']} examples from {s['rows']} rows"
@@ -124,6 +136,7 @@ class LoadReport:
         if self.skipped:
             lines.append(f"skipped {sum(self.skipped.values())} invalid rows:")
             lines += [f"  {count} x {reason}" for reason, count in self.skipped.most_common()]
+        lines += [f"skipped {count} pairs: {reason}" for reason, count in self.dropped.most_common()]
         return "\n".join(lines)
 
 
@@ -157,6 +170,9 @@ def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report
             break
         try:
             examples.append(to_example(row, fmt, kind=kind, columns=plan.columns, tags=plan.tags))
+        except preference.IdenticalPair as pair:
+            log.warning("%s (skipped)", pair)
+            report.dropped[pair.reason] += 1
         except DataError as error:
             if not skip_invalid:
                 raise

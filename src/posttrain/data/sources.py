@@ -267,9 +267,10 @@ def resolve_source(source: DataSource, info: dict | None, info_path: str | None,
     entry, where = info[name], f"{info_path}: dataset '{name}'"
     if not isinstance(entry, dict):
         raise DataError("the entry must be an object", location=where)
-    if entry.get("ranking"):
-        raise DataError("is preference data (ranking: true), which this stage does not support yet "
-                        "(later stages will use it)", location=where)
+    ranking = bool(entry.get("ranking"))
+    if ranking and kind != "preference":
+        raise DataError("is preference data (ranking: true), which is for stages rm and dpo, "
+                        "not this stage", location=where)
     if entry.get("hf_hub_url"):
         path = entry["hf_hub_url"]
     elif entry.get("file_name"):
@@ -283,6 +284,10 @@ def resolve_source(source: DataSource, info: dict | None, info_path: str | None,
         raise DataError(f"unknown formatting {formatting!r} (alpaca or sharegpt)", location=where)
     columns = {k: v for k, v in (entry.get("columns") or {}).items() if isinstance(v, str)}
     columns.update(source.columns or {})
+    if ranking:  # LLaMA-Factory preference data: chosen/rejected after an alpaca prompt or a conversation
+        fmt = "preference_alpaca" if fmt == "alpaca" else "preference_sharegpt"
+    elif kind == "feedback":  # LLaMA-Factory KTO data: the same rows plus a kto_tag column
+        fmt = "feedback"
     if kind == "text" and fmt == "alpaca":  # LLaMA-Factory pretraining data: the prompt column is the text
         fmt = "text" if "prompt" in columns else "auto"
     if source.format != "auto":

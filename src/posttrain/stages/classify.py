@@ -7,13 +7,14 @@ from torch import nn
 from ..losses import classification_loss_sum, macro_f1
 
 
-def classify_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+def classify_loss(model: nn.Module, batch: dict, ctx=None) -> tuple[torch.Tensor, int, dict]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return classification_loss_sum(logits, batch["labels"])
+    total, count = classification_loss_sum(logits, batch["labels"])
+    return total, count, {}
 
 
 @torch.no_grad()
-def classify_evaluate(model: nn.Module, batches, autocast) -> dict[str, float]:
+def classify_evaluate(model: nn.Module, batches, autocast, ctx=None) -> dict[str, float]:
     total, count, predictions, labels = 0.0, 0, [], []
     num_classes = 0
     for batch in batches:

@@ -1,0 +1,76 @@
+"""`rm`: a reward model from preference pairs (Bradley-Terry), a scalar head read at the last token.
+
+The model is AutoModelForSequenceClassification with num_labels=1 (transformers reads the score at the
+last non-pad token). After training, the mean reward over the training responses is measured and stored
+as `reward_offset` in config.json; `posttrain score` adds it, so scored rewards have mean 0 on the
+training data.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.pairs import collate_pairs, encode_preferences
+from ..losses import bradley_terry
+from .base import Stage
+from .reference import pair_tokens, StageContext, evaluate_with_loss
+
+
+def setup(config, model, tokenizer, accelerator) -> StageContext:
+    return StageContext(config)
+
+
+def encode(examples, tokenizer, config):
+    return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
+                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
+
+
+def collate(features, pad_id, ctx):
+    return collate_pairs(features, pad_id)
+
+
+def rewards(model, batch) -> torch.Tensor:
+    """One scalar per row: the score head at the last non-pad token."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits.squeeze(-1).float()
+
+
+def rm_loss(model, batch, ctx) -> tuple[torch.Tensor, int, dict]:
+    scores = rewards(model, batch)
+    n = scores.shape[0] // 2
+    chosen, rejected = scores[:n], scores[n:]
+    losses = bradley_terry(chosen, rejected, margin=batch.get("margin"), center_coef=ctx.config.rm.center_coef)
+    detached = (chosen.detach(), rejected.detach())
+    metrics = {"accuracy": (detached[0] > detached[1]).float().sum(), "margin": (detached[0] - detached[1]).sum(),
+               "rewards_chosen": detached[0].sum(), "rewards_rejected": detached[1].sum()}
+    return losses.sum(), n, metrics
+
+
+def count_pairs(batch: dict) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def evaluate(model, batches, autocast, ctx):
+    return evaluate_with_loss(rm_loss, model, batches, autocast, ctx)
+
+
+@torch.no_grad()
+def finish(trainer, ctx) -> dict:
+    """Measure the mean reward over the training responses and store its negative as `reward_offset`."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    total, count = 0.0, 0
+    size = trainer.train_cfg.batch_size
+    for start in range(0, len(trainer.units), size):
+        batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.collate(trainer.units[start:start + size]).items()}
+        with trainer.accelerator.autocast():
+            scores = rewards(model, batch)
+        total += float(scores.sum())
+        count += scores.numel()
+    mean = total / max(count, 1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.reward_offset = -mean
+    return {"reward_mean_on_train_responses": mean, "reward_offset": -mean}
+
+
+STAGE = Stage("rm", "preference", "reward", rm_loss, evaluate, count=count_pairs, encode=encode, collate=collate,
+              length=pair_tokens, setup=setup, finish=finish)

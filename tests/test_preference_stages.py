@@ -1,0 +1,164 @@
+"""rm, dpo and kto for real: tiny models, real steps, the CLI for `data pairs` and `score`."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import run_cli, write_jsonl
+from posttrain.config import build_config
+from posttrain.train import run_training
+from test_train import WORDS, read_metrics
+
+GOOD = ["lovely", "great", "tasty", "superb"]
+BAD = ["awful", "cold", "rude", "bland"]
+
+
+def pair_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        word = WORDS[i % len(WORDS)]
+        rows.append({"prompt": f"Describe the {word} {i % 5}.",
+                     "chosen": f"The {word} is {GOOD[i % 4]}.", "rejected": f"The {word} is {BAD[(i // 4) % 4]}."})
+    return rows
+
+
+def config(model, stage, train_path, out, eval_path=None, **sections) -> dict:
+    body = {"stage": stage, "model": str(model), "output_dir": str(out),
+            "data": {"train": str(train_path), "max_length": 64, **({"eval": str(eval_path)} if eval_path else {})},
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "seed": 3, "log_steps": 1}}
+    for key, value in sections.items():
+        body[key] = {**body.get(key, {}), **value}
+    return body
+
+
+def test_reward_model_separates_held_out_pairs_and_scores_centred(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(48))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", pair_rows(16, offset=100))
+    out = tmp_path / "rm"
+    summary = run_training(build_config(config(tiny_model, "rm", train, out, held_out,
+                                               train={"max_steps": 40, "eval_steps": 20, "lr": 5e-3},
+                                               rm={"center_coef": 0.01})))
+    assert summary["final_eval"]["eval_accuracy"] >= 0.95
+    assert summary["final_eval"]["eval_margin"] > 0
+    assert any("eval_accuracy" in r and "eval_margin" in r for r in read_metrics(out))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    assert model.config.reward_offset == pytest.approx(-summary["reward_mean_on_train_responses"])
+    scored = tmp_path / "scored.jsonl"
+    run_cli("score", "--model", out, "--data", train, "--out", scored)
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    rewards = [r["chosen_reward"] for r in rows] + [r["rejected_reward"] for r in rows]
+    assert abs(sum(rewards) / len(rewards)) < 1e-3, "rewards are centred on the training responses"
+    assert sum(r["chosen_reward"] > r["rejected_reward"] for r in rows) >= 0.95 * len(rows)
+
+
+def test_dpo_starts_at_ln2_and_raises_the_held_out_margin(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(32))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", pair_rows(12, offset=100))
+    out = tmp_path / "dpo"
+    summary = run_training(build_config(config(tiny_model, "dpo", train, out, held_out,
+                                               train={"max_steps": 16, "eval_steps": 8, "lr": 2e-3},
+                                               dpo={"beta": 0.1})))
+    rows = read_metrics(out)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5), "policy == reference at step 0"
+    for key in ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"):
+        assert key in rows[0]
+    assert summary["final_eval"]["eval_margin"] > 0.05
+    assert summary["final_eval"]["eval_accuracy"] >= 0.9
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "simpo", "orpo"])
+def test_every_dpo_variant_trains(tiny_model, tmp_path, loss):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
+    out = tmp_path / loss
+    extra = {"label_smoothing": 0.1} if loss == "robust" else {}
+    summary = run_training(build_config(config(tiny_model, "dpo", train, out, dpo={"loss": loss, **extra})))
+    rows = read_metrics(out)
+    assert summary["steps"] == 6 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("reference", ["copy", "precompute", "adapter"])
+def test_reference_strategies_agree_at_step_zero(tiny_model, tmp_path, reference):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(8))
+    out = tmp_path / reference
+    adapter = {"type": "lora", "r": 4} if reference == "adapter" else {"type": "none"}
+    run_training(build_config(config(tiny_model, "dpo", train, out, dpo={"reference": reference},
+                                     adapter=adapter, train={"max_steps": 2})))
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path):
+    from posttrain.data.examples import Preference
+    from posttrain.data.pairs import collate_pairs, encode_preferences
+    from posttrain.modeling import load_tokenizer
+    from posttrain.stages.dpo import dpo_loss
+    from posttrain.stages.prefix import collate_shared_prefix
+    from posttrain.stages.reference import StageContext
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    rows = pair_rows(4)
+    examples = [Preference([{"role": "system", "content": "Be kind."}, {"role": "user", "content": r["prompt"]}],
+                           [{"role": "assistant", "content": r["chosen"]}],
+                           [{"role": "assistant", "content": r["rejected"] + " Really."}]) for r in rows]
+    features, _ = encode_preferences(examples, tokenizer, max_length=64)
+    for i, f in enumerate(features):
+        f["ref_chosen_logps"], f["ref_rejected_logps"] = -20.0 - i, -21.5 + i
+    for loss in ("sigmoid", "simpo"):
+        ctx = StageContext(build_config(config(tiny_model, "dpo", "x", "y", dpo={"loss": loss})))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        results = []
+        for batch in (collate_pairs(features, tokenizer.pad_token_id),
+                      collate_shared_prefix(features, tokenizer.pad_token_id)):
+            model.zero_grad()
+            total, n, metrics = dpo_loss(model, batch, ctx)
+            total.backward()
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            results.append((total.detach(), n, metrics, grads))
+        (plain, n1, m1, g1), (shared, n2, m2, g2) = results
+        assert n1 == n2 == 4
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m2["logps_chosen"], m1["logps_chosen"], atol=1e-4, rtol=1e-5)
+        for key in g1:
+            torch.testing.assert_close(g2[key], g1[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_dpo_with_prefix_sharing_trains_end_to_end(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
+    out = tmp_path / "shared"
+    run_training(build_config(config(tiny_model, "dpo", train, out, dpo={"prefix_sharing": True})))
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_kto_trains_on_unpaired_feedback(tiny_model, tmp_path):
+    rows = []
+    for r in pair_rows(24):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    train = write_jsonl(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "kto"
+    summary = run_training(build_config(config(tiny_model, "kto", train, out, data={"eval_fraction": 0.2},
+                                               train={"max_steps": 12, "eval_steps": 12})))
+    metrics = read_metrics(out)
+    assert "kl" in metrics[0] and "rewards_desirable" in metrics[-1]
+    assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-4), "policy == reference: 1 - sigmoid(0)"
+    assert summary["final_eval"]["eval_loss"] < 0.5
+
+
+def test_data_pairs_cli_expands_rankings(tmp_path):
+    rankings = write_jsonl(tmp_path / "rankings.jsonl", [
+        {"prompt": "Pick a fruit.", "responses": ["B", "A", "C", "D"]},
+        {"prompt": "Pick a colour.", "responses": ["red", "blue", "green"], "ranks": [1, 1, 2]}])
+    out = tmp_path / "pairs.jsonl"
+    result = run_cli("data", "pairs", rankings, "--out", out)
+    assert "8 pairs" in result.stdout
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    first = [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs[:6]]
+    assert first == [("B", "A"), ("B", "C"), ("B", "D"), ("A", "C"), ("A", "D"), ("C", "D")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "responses": ["only one"]}])
+    failed = run_cli("data", "pairs", bad, "--out", tmp_path / "x.jsonl", check=False)
+    assert failed.returncode == 2 and "bad.jsonl:1" in failed.stderr and "responses" in failed.stderr
