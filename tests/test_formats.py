@@ -281,3 +281,13 @@ def test_detection_follows_most_rows_and_refuses_preference_data(tmp_path):
     assert detect_format(rows, "x") == "alpaca"
     with pytest.raises(DataError, match="x: preference data"):
         detect_format([Row({"prompt": "p", "chosen": "a", "rejected": "b"}, "x:1")], "x")
+
+
+def test_prompt_response_rows_read_as_alpaca_without_a_mapping(tmp_path):
+    from posttrain.data.formats import load_examples
+
+    path = tmp_path / "pr.jsonl"
+    path.write_text('{"prompt": "Say hi.", "query": "Politely.", "response": "Hello there."}\n')
+    examples, _ = load_examples(str(path), kind="conversation")
+    assert examples[0].messages[-2:] == [{"role": "user", "content": "Say hi.\nPolitely."},
+                                         {"role": "assistant", "content": "Hello there."}]

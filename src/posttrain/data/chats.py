@@ -28,6 +28,9 @@ class _Fields:
     def __init__(self, row: Row, fmt: str, columns: dict | None):
         aliases = _ALIASES.get(fmt, {})
         self.names = {aliases.get(key, key): value for key, value in (columns or {}).items()}
+        for file_name, canonical in aliases.items():  # LLaMA-Factory's column names work without a mapping
+            if canonical not in self.names and canonical not in row.data and file_name in row.data:
+                self.names[canonical] = file_name
         self.row = row
 
     def name(self, key: str) -> str:
