@@ -176,7 +176,7 @@ def test_wrong_type_names_the_key(tiny_model, tmp_path):
     config = write_config(tmp_path, tiny_model, data)
     fails(config, "train.lr=abc", out=tmp_path / "out", expect=["'train.lr'", "abc"])
     fails(config, "train.max_steps=many", out=tmp_path / "out", expect=["'train.max_steps'", "many"])
-    fails(config, "stage=dpo", out=tmp_path / "out", expect=["'stage'", "dpo"])
+    fails(config, "stage=sftt", out=tmp_path / "out", expect=["'stage'", "sftt"])
 
 
 def test_missing_or_invalid_config_file(tmp_path):

@@ -146,3 +146,115 @@ def test_errors_exit_2_without_traceback(tmp_path, sft_file):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert "no usable examples" in inspect(empty)
+
+
+# ---------------------------------------------------------------- preference stages and rankings
+
+PAIRS = [{"prompt": "Reverse cat", "chosen": "tac", "rejected": "cat"},
+         {"prompt": "Add 2 and 3", "chosen": "5", "rejected": "6", "margin": 1.0},
+         {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort 3 1 2"}],
+          "chosen": "1 2 3", "rejected": "3 2 1"}]
+
+
+def one_line_error(*args) -> str:
+    result = run_cli("data", "inspect", *map(str, args), check=False)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_pairs_without_model_guesses_dpo(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = inspect(path)
+    assert "format: preference (detected from the columns)" in out
+    assert "stage: dpo (guessed from the format: rm or dpo; --stage to choose)" in out
+    assert "rows: 3 read, 3 usable, 0 invalid" in out
+    assert "prompt:\n    user: Reverse cat\n  chosen:\n    assistant: tac\n  rejected:\n    assistant: cat" in out
+    assert "problems" not in out and "warnings" not in out
+    assert "stage: rm\n" in inspect(path, "--stage", "rm")
+
+
+def test_pairs_with_model_lengths_truncation_and_marked_render(tmp_path, tiny_model):
+    from posttrain.data.formats import load_examples
+    from posttrain.data.pairs import encode_preferences
+    from posttrain.modeling import load_tokenizer
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = inspect(path, "--model", tiny_model)
+    for name in ("prompt", "chosen", "rejected"):
+        assert re.search(rf"tokens \({name}\): min \d+ / mean [\d.]+ / p50 \d+ / p95 \d+ / max \d+", out), out
+    assert "truncated at max_length 1024: 0 of 3" in out
+    # the prompt through the template (not trained), then each response marked as trained text
+    assert "prompt:\n<|im_start|>user\nReverse cat<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "chosen:\n[[tac<|im_end|>]]" in out and "rejected:\n[[cat<|im_end|>]]" in out
+    assert "[[Reverse" not in out and "\x1b[" not in out
+    # a small max_length: the same count as training's encoding (prompt keeps its last max_length // 2)
+    examples, _ = load_examples(str(path), kind="preference")
+    _, stats = encode_preferences(examples, load_tokenizer(str(tiny_model)), max_length=12)
+    assert stats.truncated > 0
+    small = inspect(path, "--model", tiny_model, "--max-length", 12)
+    assert f"truncated at max_length 12: {stats.truncated} of 3 (the prompt keeps its last 6 tokens" in small
+    assert f"{stats.truncated} of 3 examples are longer than max_length 12" in small
+
+
+def test_kto_file(tmp_path, tiny_model):
+    rows = [{"prompt": "Reverse cat", "completion": "tac", "label": True},
+            {"prompt": "Reverse dog", "completion": "dog", "label": False},
+            {"messages": [{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "5"}],
+             "label": "true"}]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    out = inspect(path)
+    assert "format: feedback" in out and "stage: kto (guessed from the format" in out
+    assert "rows: 3 read, 3 usable, 0 invalid" in out
+    assert "desirable: 2 (66.7%)" in out and "undesirable: 1 (33.3%)" in out
+    assert "completion (desirable):\n    assistant: tac" in out
+    with_model = inspect(path, "--stage", "kto", "--model", tiny_model)
+    assert "stage: kto\n" in with_model
+    assert re.search(r"tokens \(prompt\): min \d+", with_model) and re.search(r"tokens \(completion\): min", with_model)
+    assert "completion (desirable):\n[[tac<|im_end|>]]" in with_model
+    only_good = write_jsonl(tmp_path / "good.jsonl", rows[:1])
+    assert "only desirable completions" in inspect(only_good)
+
+
+def test_rankings_file_counts_the_pairs_it_expands_to(tmp_path, tiny_model):
+    rows = [{"prompt": "Add 2 and 3", "responses": ["5", "five", "6", "7"], "ranks": [1, 1, 2, 3]},
+            {"prompt": "Reverse cat", "responses": ["tac", "act", "cat"]}]
+    path = write_jsonl(tmp_path / "rankings.jsonl", rows)
+    out = inspect(path)
+    assert "format: ranking" in out and "stage: rankings (no stage trains on rankings" in out
+    assert "rows: 2 read, 2 usable, 0 invalid" in out
+    assert "rankings: 2; responses per ranking: min 3 / mean 3.5 / max 4" in out
+    assert "expands them to 8 pairs (1 tied pairs skipped)" in out  # 5 + 3 pairs, 5 and five tie
+    assert "response 1 (rank 1):\n    assistant: five" in out
+    pairs = run_cli("data", "pairs", path, "--out", tmp_path / "pairs.jsonl").stdout
+    assert "2 rankings -> 8 pairs (1 tied pairs skipped)" in pairs  # the same counts as `data pairs`
+    with_model = inspect(path, "--model", tiny_model)
+    assert "truncated at max_length 1024: 0 of 8" in with_model
+    assert "chosen:\n[[5<|im_end|>]]" in with_model and "rejected:\n[[6<|im_end|>]]" in with_model
+
+
+def test_identical_pair_and_missing_field(tmp_path):
+    rows = PAIRS + [{"prompt": "Say hi", "chosen": "hi", "rejected": "hi"}, {"prompt": "Say bye", "chosen": "bye"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = inspect(path)
+    assert "stage: dpo" in out
+    assert "rows: 5 read, 3 usable, 1 invalid, 1 skipped (chosen equals rejected; training skips them too)" in out
+    assert "1 x field 'rejected': required field is missing" in out
+    assert f"{path}:5: field 'rejected': required field is missing" in out
+
+
+def test_preference_errors_exit_2_with_one_line(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    rankings = write_jsonl(tmp_path / "rankings.jsonl", [{"prompt": "p", "responses": ["a", "b"]}])
+    assert "stage kto needs labelled completions" in one_line_error(pairs, "--stage", "kto")
+    assert "preference data (chosen/rejected) is for stages rm and dpo" in one_line_error(pairs, "--stage", "sft")
+    assert "stages rm and dpo need preference pairs" in one_line_error(rankings, "--stage", "dpo")
+    assert "--max-length must be at least 2" in one_line_error(pairs, "--max-length", "1")
+
+
+def test_dataset_info_ranking_entry_without_stage(tmp_path):
+    write_jsonl(tmp_path / "rank.jsonl", [{"instruction": "Say hi", "chosen": "hi", "rejected": "bye"}])
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"prefs": {"file_name": "rank.jsonl", "ranking": True}}))
+    out = inspect("prefs", "--dataset-info", info)
+    assert "format: preference_alpaca" in out and "stage: dpo (guessed" in out and "rows: 1 read, 1 usable" in out
