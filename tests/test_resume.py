@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -86,3 +87,35 @@ def test_resume_refuses_a_different_batch_plan(tiny_model, tmp_path):
     else:
         raise AssertionError("resuming with another batch size must be refused")
     assert build_config({**body, "resume": False}).resume is None
+
+
+@pytest.mark.parametrize("variant", ["lora_dropout", "gradual_unfreeze", "grad_accum"])
+def test_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, variant):
+    """Resume from a mid-run checkpoint (the final output removed) and compare with a straight run."""
+    import shutil
+
+    from posttrain.config import build_config
+    from posttrain.train import run_training
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(16))
+    sections = {"lora_dropout": {"adapter": {"type": "lora", "r": 4, "dropout": 0.1}},
+                "gradual_unfreeze": {"freeze": {"trainable_layers": 1, "gradual_unfreeze": True}},
+                "grad_accum": {"train": {"grad_accum": 2, "batch_size": 2}}}[variant]
+    train = {"max_steps": 8, "save_steps": 3, "save_total_limit": 5, **sections.get("train", {})}
+    extra = {k: v for k, v in sections.items() if k != "train"}
+    outputs = {}
+    for name in ("straight", "resumed"):
+        body = base_config(tiny_model, data, tmp_path / name, train=train, resume="auto", **extra)
+        run_training(build_config(body))
+        outputs[name] = tmp_path / name
+    resumed = outputs["resumed"]
+    weights_file = "adapter_model.safetensors" if variant == "lora_dropout" else "model.safetensors"
+    for item in resumed.iterdir():  # back to the state of a run that died after its step-6 checkpoint
+        if item.name != "checkpoints":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    assert [p.name for p in list_checkpoints(resumed / "checkpoints")][-1] == "step-6"
+    run_training(build_config(base_config(tiny_model, data, resumed, train=train, resume="auto", **extra)))
+    straight = load_file(str(outputs["straight"] / weights_file))
+    again = load_file(str(resumed / weights_file))
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)

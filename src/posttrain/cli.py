@@ -43,6 +43,18 @@ def _score(args) -> None:
           + (f"; {result['unscored']} rows could not be scored (null)" if result["unscored"] else ""))
 
 
+def _generate(args) -> None:
+    from .engine import SamplingParams
+    from .generate import generate_file
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=args.stop or [], seed=args.seed, n=args.n)
+    counts = generate_file(args.model, args.prompts, args.out, params, adapter=args.adapter,
+                           batch_size=args.batch_size, chat_template=args.chat_template)
+    print(f"generated {counts['responses']} responses for {counts['prompts']} prompts "
+          f"({counts['length']} cut at --max-new-tokens) -> {args.out}")
+
+
 def _init_model(args) -> None:
     from .init_model import init_model, read_corpus
 
@@ -107,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("generate", help="sample K responses per prompt (rankings rows for `data pairs`)")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--adapter", help="LoRA adapter directory on top of --model")
+    p.add_argument("--prompts", required=True, help="rows with `prompt` (string or messages) or `messages`")
+    p.add_argument("--n", type=int, default=4, help="responses per prompt")
+    p.add_argument("--out", required=True, help="JSONL of {prompt, responses, ..., finish_reasons, logprobs}")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="+", help="stop strings (cut from the text)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
+    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")

@@ -142,7 +142,14 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        denominator = max(local_items, 1)
+        if world > 1:  # log what the step did on every process, not rank 0's share
+            keys = sorted(metric_sums)
+            packed = torch.tensor([loss_sum, float(tokens)] + [metric_sums[k] for k in keys],
+                                  device=self.accelerator.device, dtype=torch.float64)
+            packed = self.accelerator.reduce(packed, "sum").tolist()
+            loss_sum, tokens = packed[0], int(packed[1])
+            metric_sums = dict(zip(keys, packed[2:]))
+        denominator = float(total_items)
         return {"loss": loss_sum / denominator, "grad_norm": float(grad_norm), "tokens": tokens,
                 "metrics": {k: v / denominator for k, v in metric_sums.items()}}
 
@@ -276,7 +283,7 @@ class Trainer:
         row.update({key: round(value / steps, 6) for key, value in window["metrics"].items()})
         row.update(loss=round(window["loss"] / steps, 6), lr=self.scheduler.get_last_lr()[0],
                    grad_norm=round(grad_norm, 6),
-                   tokens_per_s=round(window["tokens"] * acc.num_processes / max(window["seconds"], 1e-9), 1))
+                   tokens_per_s=round(window["tokens"] / max(window["seconds"], 1e-9), 1))
         if acc.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,0 +1,80 @@
+"""`posttrain generate`: K samples per prompt, written as rankings rows for a ranker or a human to order.
+
+Input rows (jsonl, json, csv, parquet, ...) hold a `prompt` (a string, or a message list ending with a user
+turn) or `messages` (the same list under that name), with an optional `system`; other columns are kept.
+Each output line is `{"prompt": <as given>, "responses": [K texts], ...other columns, "finish_reasons": [...],
+"logprobs": [summed log-prob of each response]}`, which `posttrain data pairs` reads once the responses are
+ordered best to worst. The file is written to a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data.chats import _Fields
+from .data.examples import Message
+from .data.preference import _prompt_value
+from .data.sources import Row, read_rows
+from .engine import Engine, SamplingParams
+from .errors import ConfigError, DataError
+
+OUR_FIELDS = ("prompt", "responses", "finish_reasons", "logprobs")
+
+
+def read_prompts(path: str) -> list[tuple[Row, list[Message]]]:
+    """Each row with its prompt as messages; a bad row is a DataError naming its file:line and field."""
+    rows = read_rows(path)
+    if not rows:
+        raise DataError("no prompts in this file", location=str(path))
+    prompts = []
+    for row in rows:
+        key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
+        prompts.append((row, _prompt_value(_Fields(row, "ranking", None), key, None)))
+    return prompts
+
+
+def _prompt_ids(engine: Engine, messages: list[Message]) -> list[int]:
+    """The chat template when the tokenizer has one; else a lone user string as plain text."""
+    if getattr(engine.tokenizer, "chat_template", None) or len(messages) != 1:
+        return engine.chat_prompt(messages)
+    return engine.tokenizer(messages[0]["content"])["input_ids"]
+
+
+def output_row(row: Row, completions) -> dict:
+    prompt_key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
+    extra = {k: v for k, v in row.data.items() if k != prompt_key and k not in OUR_FIELDS}
+    return {"prompt": row.data[prompt_key], "responses": [c.text for c in completions], **extra,
+            "finish_reasons": [c.finish_reason for c in completions],
+            "logprobs": [sum(c.logprobs) for c in completions]}
+
+
+def generate_file(model: str, prompts_path: str, out: str, params: SamplingParams, *, adapter: str | None = None,
+                  batch_size: int = 8, chat_template: str | None = None) -> dict:
+    """Sample params.n responses per prompt; `batch_size` prompts (x n rows) are decoded together."""
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    prompts = read_prompts(prompts_path)
+    engine = Engine.load(model, adapter, dtype=torch.float32, chat_template=chat_template)
+    token_prompts = [_prompt_ids(engine, messages) for _, messages in prompts]
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.partial")
+    counts = {"prompts": len(prompts), "responses": 0, "length": 0}
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            for start in range(0, len(prompts), batch_size):
+                batch = token_prompts[start:start + batch_size]
+                completions = engine.generate(batch, params)
+                for offset in range(len(batch)):
+                    mine = [c for c in completions if c.prompt_index == offset]
+                    row = output_row(prompts[start + offset][0], mine)
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    counts["responses"] += len(mine)
+                    counts["length"] += sum(c.finish_reason == "length" for c in mine)
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return counts

@@ -1,0 +1,224 @@
+"""The generation engine against transformers itself: greedy parity with model.generate, recorded log-probs
+against a plain forward, seeds, stop tokens and strings, LoRA adapters, and `posttrain generate` via the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli, write_jsonl
+from posttrain.engine import Engine, SamplingParams, top_p_filter
+from posttrain.modeling import load_tokenizer
+
+PROMPTS = ["The kitchen opens", "Two plus three is five. Seven minus", "Reverse"]
+
+
+@pytest.fixture(scope="module")
+def varied_model(tiny_model, tmp_path_factory):
+    """tiny_model with larger random weights: a freshly initialised model repeats one token, which would
+    make parity checks trivial; these weights give varied, peaked next-token distributions."""
+    out = tmp_path_factory.mktemp("varied-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.35)
+    model.save_pretrained(out)
+    load_tokenizer(str(tiny_model)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(varied_model):
+    return Engine.load(varied_model)
+
+
+def encode(engine, texts=PROMPTS):
+    return [engine.tokenizer(text)["input_ids"] for text in texts]
+
+
+def test_greedy_equals_transformers_generate_with_left_padding(engine):
+    prompts = encode(engine)
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
+    ours = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    engine.tokenizer.padding_side = "left"
+    batch = engine.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    theirs = engine.model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=engine.stop_token_ids,
+                                   pad_token_id=engine.pad_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    assert len({tuple(c.token_ids) for c in ours}) > 1 and len(set(ours[0].token_ids)) > 2  # not degenerate
+    for completion, reference in zip(ours, theirs):
+        assert completion.token_ids == reference[:len(completion.token_ids)]
+        assert completion.finish_reason == ("stop" if len(completion.token_ids) < 12 else "length")
+        assert completion.text == engine.tokenizer.decode(
+            [t for t in completion.token_ids if t not in engine.stop_token_ids], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.9), (1.3, 0, 1.0), (0.0, 0, 1.0)])
+def test_logprobs_equal_a_plain_forward_at_the_sampling_temperature(engine, temperature, top_k, top_p):
+    prompts = encode(engine)
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, n=2)
+    completions = engine.generate(prompts, params)
+    assert [c.prompt_index for c in completions] == [0, 0, 1, 1, 2, 2]
+    scale = temperature or 1.0
+    for completion in completions:
+        prompt = prompts[completion.prompt_index]
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([prompt + completion.token_ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits / scale, dim=-1)
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion.token_ids))
+        expected = logprobs[positions, torch.tensor(completion.token_ids)]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=0)
+        assert completion.prompt_tokens == len(prompt)
+
+
+def test_same_seed_same_samples_different_seed_different(engine):
+    prompts = encode(engine)
+
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed, n=2)
+        return [c.token_ids for c in engine.generate(prompts, params)]
+
+    first = sample(0)
+    assert first == sample(0)
+    assert first != sample(1)
+    assert first[0] != first[1] or first[2] != first[3]  # the n samples of a prompt are not copies
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus(engine):
+    prompts = encode(engine)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, seed=5))
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.75, 0.5 + 0.3 reaches it
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1  # always at least the top token
+
+
+def test_stop_strings_cut_the_text_and_never_leak(engine):
+    prompt = encode(engine)[:1]
+    full = engine.generate(prompt, SamplingParams(max_new_tokens=24, temperature=0))[0]
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    assert len(stop) == 2 and stop.strip()
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop=["never-there", stop])
+    cut = engine.generate(prompt, params)[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)] and stop not in cut.text
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)] and len(cut.logprobs) == len(cut.token_ids)
+    assert stop in engine.tokenizer.decode(cut.token_ids) and stop not in engine.tokenizer.decode(cut.token_ids[:-1])
+
+    deltas = list(engine.stream(prompt[0], params))
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == cut.text and deltas[-1].completion.finish_reason == "stop"
+    sent = ""
+    for delta in deltas:
+        sent += delta.text
+        assert stop not in sent and cut.text.startswith(sent)
+
+
+def test_max_new_tokens_gives_length(engine):
+    no_stop_tokens = Engine(engine.model, engine.tokenizer, stop_token_ids=[])
+    completions = no_stop_tokens.generate(encode(engine), SamplingParams(max_new_tokens=3, temperature=0.8, seed=0))
+    for completion in completions:
+        assert completion.finish_reason == "length" and len(completion.token_ids) == 3
+
+
+def test_end_of_turn_token_stops_and_is_kept_out_of_the_text(engine):
+    tokenizer = engine.tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in engine.stop_token_ids and tokenizer.eos_token_id in engine.stop_token_ids
+
+    def force_end_of_turn(module, inputs, output):  # on decode steps (one new token) only
+        if output.shape[1] == 1:
+            output[..., end_of_turn] += 1e4
+        return output
+
+    handle = engine.model.lm_head.register_forward_hook(force_end_of_turn)
+    try:
+        completions = engine.chat([[{"role": "user", "content": "hello"}], [{"role": "user", "content": "hi"}]],
+                                  SamplingParams(max_new_tokens=10, temperature=0.9, seed=0))
+    finally:
+        handle.remove()
+    for completion in completions:
+        assert completion.finish_reason == "stop"
+        assert len(completion.token_ids) == 2 and completion.token_ids[-1] == end_of_turn
+        assert len(completion.logprobs) == 2 and completion.logprobs[-1] > -1e-3  # forced: probability ~1
+        assert completion.text == tokenizer.decode(completion.token_ids[:1], skip_special_tokens=True)
+        assert "im_end" not in completion.text
+
+
+def test_adapter_changes_the_output_and_matches_peft_generate(varied_model, engine, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(varied_model)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1.0)
+    lora.save_pretrained(tmp_path / "adapter")
+
+    adapted = Engine.load(varied_model, tmp_path / "adapter")
+    assert isinstance(adapted.model, PeftModel)
+    prompts = encode(engine)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    ours = [c.token_ids for c in adapted.generate(prompts, params)]
+    assert ours != [c.token_ids for c in engine.generate(prompts, params)]
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(varied_model), tmp_path / "adapter")
+    for prompt, tokens in zip(prompts, ours):
+        out = reference.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=10,
+                                 eos_token_id=adapted.stop_token_ids, pad_token_id=adapted.pad_token_id)
+        assert out[0, len(prompt):].tolist()[:len(tokens)] == tokens
+
+
+def test_generate_cli_writes_rankings_that_data_pairs_reads(varied_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "The kitchen", "id": 1},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Soup?"}], "id": 2},
+        {"messages": [{"role": "user", "content": "Two plus"}], "answer": "five"},
+    ])
+    out = tmp_path / "samples.jsonl"
+
+    def generate(out):
+        return run_cli("generate", "--model", varied_model, "--prompts", prompts, "--n", "3", "--out", out,
+                       "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "50", "--seed", "0",
+                       "--batch-size", "2")
+
+    result = generate(out)
+    assert "9 responses for 3 prompts" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [
+        "The kitchen", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Soup?"}],
+        [{"role": "user", "content": "Two plus"}]]
+    assert rows[0]["id"] == 1 and rows[1]["id"] == 2 and rows[2]["answer"] == "five" and "messages" not in rows[2]
+    for row in rows:
+        assert len(row["responses"]) == len(row["finish_reasons"]) == len(row["logprobs"]) == 3
+        assert all(isinstance(r, str) for r in row["responses"])
+        assert all(reason in ("stop", "length") for reason in row["finish_reasons"])
+        assert all(lp < 0 for lp in row["logprobs"])
+    assert len(set(rows[0]["responses"])) > 1  # sampled, not copies
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
+
+    generate(tmp_path / "again.jsonl")  # same seed: same file
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+
+    pairs = run_cli("data", "pairs", out, "--out", tmp_path / "pairs.jsonl")
+    assert "3 rankings" in pairs.stdout
+
+
+def test_generate_cli_bad_prompt_is_one_line_with_file_and_line(varied_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "fine"},
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ])
+    out = tmp_path / "samples.jsonl"
+    result = run_cli("generate", "--model", varied_model, "--prompts", prompts, "--n", "2", "--out", out,
+                     check=False)
+    assert result.returncode == 2
+    assert f"{prompts}:2" in result.stderr and "must end with a user" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
