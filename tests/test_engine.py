@@ -23,7 +23,7 @@ def varied_model(tiny_model, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.35)
     model.save_pretrained(out)
@@ -187,7 +187,7 @@ def test_generate_cli_writes_rankings_that_data_pairs_reads(varied_model, tmp_pa
     def generate(out):
         return run_cli("generate", "--model", varied_model, "--prompts", prompts, "--n", "3", "--out", out,
                        "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "50", "--seed", "0",
-                       "--batch-size", "2")
+                       "--batch-size", "2", "--stop", "never-there", "\n\n")
 
     result = generate(out)
     assert "9 responses for 3 prompts" in result.stdout

@@ -162,3 +162,33 @@ def test_data_pairs_cli_expands_rankings(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "responses": ["only one"]}])
     failed = run_cli("data", "pairs", bad, "--out", tmp_path / "x.jsonl", check=False)
     assert failed.returncode == 2 and "bad.jsonl:1" in failed.stderr and "responses" in failed.stderr
+
+
+def test_reward_model_prefix_sharing_gives_the_same_rewards_and_gradients(tiny_model, tmp_path):
+    from posttrain.data.examples import Preference
+    from posttrain.data.pairs import collate_pairs, encode_preferences
+    from posttrain.modeling import load_model, load_tokenizer
+    from posttrain.stages.prefix import collate_shared_prefix
+    from posttrain.stages.reference import StageContext
+    from posttrain.stages.rm import rm_loss
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = [Preference([{"role": "user", "content": r["prompt"]}], [{"role": "assistant", "content": r["chosen"]}],
+                           [{"role": "assistant", "content": r["rejected"] + " Sorry."}], margin=0.5)
+                for r in pair_rows(4)]
+    features, _ = encode_preferences(examples, tokenizer, max_length=64)
+    ctx = StageContext(build_config(config(tiny_model, "rm", "x", "y", rm={"center_coef": 0.01})))
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model), "reward", tokenizer=tokenizer)
+    results = []
+    for batch in (collate_pairs(features, tokenizer.pad_token_id), collate_shared_prefix(features, tokenizer.pad_token_id)):
+        model.zero_grad()
+        total, n, metrics = rm_loss(model, batch, ctx)
+        total.backward()
+        results.append((total.detach(), metrics, {k: p.grad.clone() for k, p in model.named_parameters()
+                                                  if p.grad is not None}))
+    (plain, m1, g1), (shared, m2, g2) = results
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m2["rewards_chosen"], m1["rewards_chosen"], atol=1e-5, rtol=1e-5)
+    for key in g1:
+        torch.testing.assert_close(g2[key], g1[key], atol=1e-5, rtol=1e-4, msg=key)

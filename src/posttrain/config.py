@@ -119,6 +119,8 @@ class FreezeConfig(Section):
 class RewardConfig(Section):
     center_coef: float = Field(0.0, ge=0, description="Reward centering: adds c * mean((r_chosen + r_rejected)^2) "
                                                       "to the loss (about 0.01 when used).")
+    prefix_sharing: bool = Field(False, description="Run the shared prompt once per pair instead of twice "
+                                                    "(same rewards and gradients, fewer tokens).")
 
 
 class ReferenceConfig(Section):

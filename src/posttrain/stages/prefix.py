@@ -52,13 +52,30 @@ def collate_shared_prefix(features: list[dict], pad_id: int, attn_implementation
     mask = mask[:, None]
     if attn_implementation == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    ends = [(i * width + len(f["prompt_ids"]) + len(f["chosen_ids"]) - 1, i * width + len(r[0]) - 1)
+            for i, (f, r) in enumerate(zip(features, rows))]
     batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+             "last_chosen": torch.tensor([e[0] for e in ends]), "last_rejected": torch.tensor([e[1] for e in ends]),
              "predictor": torch.tensor(predictor), "target": torch.tensor(target), "side": torch.tensor(side),
              "pair": torch.tensor(pair), "shared_prefix": torch.tensor(1), "pair_count": torch.tensor(n)}
+    if any(f.get("margin") is not None for f in features):
+        batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features])
     for key in features[0]:
         if key.startswith("ref_") and all(key in f for f in features):
             batch[key] = torch.tensor([float(f[key]) for f in features])
     return batch
+
+
+def shared_prefix_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores of the chosen and the rejected response, read at each one's last token."""
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    body = getattr(base, base.base_model_prefix)
+    head = getattr(base, "score", None) or getattr(base, "classifier")
+    hidden = body(**_model_inputs(batch), use_cache=False).last_hidden_state.flatten(0, 1)
+    scores = head(hidden[torch.cat([batch["last_chosen"], batch["last_rejected"]])]).squeeze(-1).float()
+    n = int(batch["pair_count"])
+    return scores[:n], scores[n:]
 
 
 def shared_prefix_logps(model, batch: dict):

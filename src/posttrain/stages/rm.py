@@ -12,6 +12,7 @@ import torch
 from ..data.pairs import collate_pairs, encode_preferences
 from ..losses import bradley_terry
 from .base import Stage
+from .prefix import collate_shared_prefix, shared_prefix_rewards
 from .reference import pair_tokens, StageContext, evaluate_with_loss
 
 
@@ -25,11 +26,15 @@ def encode(examples, tokenizer, config):
 
 
 def collate(features, pad_id, ctx):
+    if ctx is not None and ctx.config.rm.prefix_sharing:
+        return collate_shared_prefix(features, pad_id)
     return collate_pairs(features, pad_id)
 
 
 def rewards(model, batch) -> torch.Tensor:
-    """One scalar per row: the score head at the last non-pad token."""
+    """One scalar per row (chosen rows, then rejected rows): the score head at the last non-pad token."""
+    if "shared_prefix" in batch:
+        return torch.cat(shared_prefix_rewards(model, batch))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits.squeeze(-1).float()
 
@@ -46,7 +51,7 @@ def rm_loss(model, batch, ctx) -> tuple[torch.Tensor, int, dict]:
 
 
 def count_pairs(batch: dict) -> int:
-    return batch["input_ids"].shape[0] // 2
+    return int(batch["pair_count"]) if "pair_count" in batch else batch["input_ids"].shape[0] // 2
 
 
 def evaluate(model, batches, autocast, ctx):
