@@ -121,7 +121,7 @@ def posttrain_raw_config(spec: dict, stage: str, variant: dict) -> dict:
         raw["dpo"] = {"loss": "sigmoid", "beta": BETA, "reference": variant.get("reference", "precompute"),
                       "prefix_sharing": bool(variant.get("prefix_sharing"))}
     else:
-        raw["rm"] = {"center_coef": 0.0}
+        raw["rm"] = {"center_coef": 0.0, "prefix_sharing": bool(variant.get("prefix_sharing"))}
     return raw
 
 

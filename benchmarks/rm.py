@@ -18,8 +18,10 @@ import common
 VARIANTS = {
     "posttrain": {"framework": "posttrain", "label": "posttrain (stage: rm)", "short": "posttrain"},
     "trl": {"framework": "trl", "label": "TRL RewardTrainer", "short": "TRL"},
+    "posttrain-prefix": {"framework": "posttrain", "prefix_sharing": True,
+                         "label": "posttrain (stage: rm, prefix_sharing)", "short": "posttrain prefix sharing"},
 }
-COMPARISONS = [("posttrain", "trl")]
+COMPARISONS = [("posttrain", "trl"), ("posttrain-prefix", "trl")]
 
 if __name__ == "__main__":
     common.main(__file__, "rm", VARIANTS, COMPARISONS, __doc__)
