@@ -25,6 +25,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/sft.py
+	$(PY) benchmarks/dpo.py
+	$(PY) benchmarks/rm.py
 
 docs: install
 	$(VENV)/bin/posttrain config-reference --out docs/config.md
