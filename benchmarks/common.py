@@ -64,7 +64,7 @@ CPU_AT_STEP_END: list[float] = []  # process CPU time (all threads) at each step
 
 
 def summarize(step_end: list[float], step_tokens: list[int], step_loss: list[float], loop_s: float,
-              warmup: int) -> dict:
+              warmup: int, *, loss_digits: int = 6, with_step_tokens: bool = True) -> dict:
     n = len(step_end)
     w = min(warmup, n - 1)
     timed_tokens = sum(step_tokens[w:])
@@ -74,9 +74,59 @@ def summarize(step_end: list[float], step_tokens: list[int], step_loss: list[flo
             "tokens_per_s": round(timed_tokens / max(timed_s, 1e-9), 1),
             "timed_cpu_s": round(cpu_s, 3), "tokens_per_cpu_s": round(timed_tokens / max(cpu_s, 1e-9), 1),
             "loop_s": round(loop_s, 3), "loop_tokens_per_s": round(sum(step_tokens) / max(loop_s, 1e-9), 1),
-            "step_tokens": step_tokens, "final_loss": round(step_loss[-1], 4),
+            **({"step_tokens": step_tokens} if with_step_tokens else {}), "final_loss": round(step_loss[-1], 4),
             "final_loss_last5": round(sum(step_loss[-5:]) / len(step_loss[-5:]), 4),
-            "losses": [round(x, 6) for x in step_loss]}
+            "losses": [round(x, loss_digits) for x in step_loss]}
+
+
+def time_posttrain_steps() -> tuple[list[float], list[int], list[float], dict]:
+    """Wrap posttrain's `Trainer._train_step` to record each step's end (wall and CPU), tokens and loss; returns
+    (step_end, step_tokens, step_loss, loop) with loop["start"] set when the first step begins."""
+    import posttrain.trainer as trainer_mod
+
+    step_end, step_tokens, step_loss = [], [], []
+    original = trainer_mod.Trainer._train_step
+    loop = {}
+
+    def timed_step(self, step_batches):
+        loop.setdefault("start", time.perf_counter())
+        result = original(self, step_batches)
+        step_end.append(time.perf_counter())
+        CPU_AT_STEP_END.append(time.process_time())
+        step_tokens.append(int(result["tokens"]))
+        step_loss.append(float(result["loss"]))
+        return result
+
+    trainer_mod.Trainer._train_step = timed_step
+    return step_end, step_tokens, step_loss, loop
+
+
+def timed_trl_trainer(base):
+    """A subclass of the TRL trainer class `base` that counts each step's real tokens and loss, and the callback
+    that records them at each step end: returns (Trainer, callback, step_end, step_tokens, step_loss, loop)."""
+    from transformers import TrainerCallback
+
+    step_end, step_tokens, step_loss = [], [], []
+    pending = {"tokens": 0, "loss": 0.0}
+    loop = {}
+
+    class Trainer(base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loop.setdefault("start", time.perf_counter())
+            pending["tokens"] += int(inputs["attention_mask"].sum())
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            pending["loss"] += float(loss)
+            return loss
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_end.append(time.perf_counter())
+            CPU_AT_STEP_END.append(time.process_time())
+            step_tokens.append(pending["tokens"])
+            step_loss.append(pending["loss"])
+            pending.update(tokens=0, loss=0.0)
+
+    return Trainer, StepTimer(), step_end, step_tokens, step_loss, loop
 
 
 def profiled(fn, spec: dict):
@@ -125,12 +175,42 @@ def posttrain_raw_config(spec: dict, stage: str, variant: dict) -> dict:
     return raw
 
 
+def make_model(args, work: Path) -> Path:
+    """The randomly initialised Qwen2-shaped model (`--size`, BPE `--vocab-size` trained on the generated corpus,
+    embedding widened to `--embedding-rows`), written once under `work`; returns its directory."""
+    from posttrain.demo.data import make_sft_rows
+    from posttrain.init_model import init_model
+
+    corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
+    model_dir = work / f"model-{args.size}-{args.embedding_rows}"
+    if not (model_dir / "config.json").is_file():
+        init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
+        if args.embedding_rows:
+            # Real models carry 32k-150k embedding rows; the generated corpus only supports a small BPE
+            # vocabulary, so the embedding (and tied LM head) is widened to a realistic size. The extra rows
+            # are never produced by the tokenizer but cost what they cost in a real model's head.
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            model.resize_token_embeddings(args.embedding_rows, mean_resizing=False)
+            model.save_pretrained(model_dir)
+    return model_dir
+
+
+def count_params(model_dir) -> tuple[int, int]:
+    """(parameters, embedding rows) of the Qwen2-shaped model in `model_dir`, LM head tied."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    h, L, inter, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    params = V * h + L * (h * h * 2 + h * kv * 2 + h + 2 * kv + 3 * h * inter + 2 * h) + h  # tied head
+    return params, V
+
+
 def prepare(args, work: Path, stage: str) -> dict:
     """Pairs, model and posttrain's batch order, written once and shared by every child."""
     from posttrain.config import build_config
     from posttrain.data.batching import batch_indices
-    from posttrain.demo.data import make_sft_rows
-    from posttrain.init_model import init_model
     from posttrain.modeling import load_tokenizer
     from posttrain.stages import STAGES
     from posttrain.stages.reference import pair_tokens
@@ -139,16 +219,7 @@ def prepare(args, work: Path, stage: str) -> dict:
     pairs = make_pairs(args.steps * args.batch_size)
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
-    model_dir = work / f"model-{args.size}-{args.embedding_rows}"
-    if not (model_dir / "config.json").is_file():
-        init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
-        if args.embedding_rows:  # a real vocabulary's size (see sft.py): the extra rows cost what they cost
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model_dir)
-            model.resize_token_embeddings(args.embedding_rows, mean_resizing=False)
-            model.save_pretrained(model_dir)
+    model_dir = make_model(args, work)
     tokenizer = load_tokenizer(str(model_dir))
     if stage == "rm":  # one reward-model start for both sides: posttrain's head init, seeded as in a run
         import torch
@@ -191,11 +262,7 @@ def prepare(args, work: Path, stage: str) -> dict:
     widths = [max(len(features[i]["prompt_ids"]) + max(len(features[i]["chosen_ids"]), len(features[i]["rejected_ids"]))
                   for i in b) for b in batches[:args.steps]]
 
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(model_dir)
-    h, L, inter, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    params = V * h + L * (h * h * 2 + h * kv * 2 + h + 2 * kv + 3 * h * inter + 2 * h) + h  # tied head
+    params, V = count_params(model_dir)
     prompt_tokens = sum(2 * len(features[i]["prompt_ids"]) for i in order)
     response_tokens = sum(len(features[i]["chosen_ids"]) + len(features[i]["rejected_ids"]) for i in order)
     return {**spec, "features": str(feats), "order": order, "params": params, "vocab": V, "pairs": len(pairs),
@@ -209,24 +276,11 @@ def prepare(args, work: Path, stage: str) -> dict:
 # ------------------------------------------------------------------------------------------ children
 
 def child_posttrain(spec: dict) -> dict:
-    import posttrain.trainer as trainer_mod
     from posttrain.config import build_config
     from posttrain.train import run_training
 
-    step_end, step_tokens, step_loss = [], [], []
-    original = trainer_mod.Trainer._train_step
-    loop, pre = {}, {"s": 0.0}
-
-    def timed_step(self, step_batches):
-        loop.setdefault("start", time.perf_counter())
-        result = original(self, step_batches)
-        step_end.append(time.perf_counter())
-        CPU_AT_STEP_END.append(time.process_time())
-        step_tokens.append(int(result["tokens"]))
-        step_loss.append(float(result["loss"]))
-        return result
-
-    trainer_mod.Trainer._train_step = timed_step
+    step_end, step_tokens, step_loss, loop = time_posttrain_steps()
+    pre = {"s": 0.0}
     if spec["stage"] == "dpo":  # time the reference pass (before the first step, outside the step timing)
         import posttrain.stages.dpo as dpo_mod
         precompute = dpo_mod.precompute_reference
@@ -247,7 +301,7 @@ def child_posttrain(spec: dict) -> dict:
 def child_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     stage, variant = spec["stage"], spec["variant"]
     pairs = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
@@ -277,34 +331,17 @@ def child_trl(spec: dict) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
         args = RewardConfig(center_rewards_coefficient=None, **common)
 
-    step_end, step_tokens, step_loss = [], [], []
-    pending = {"tokens": 0, "loss": 0.0}
-    loop = {}
+    Timed, step_timer, step_end, step_tokens, step_loss, loop = timed_trl_trainer(Base)
 
-    class Trainer(Base):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loop.setdefault("start", time.perf_counter())
-            pending["tokens"] += int(inputs["attention_mask"].sum())
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            pending["loss"] += float(loss)
-            return loss
-
+    class Trainer(Timed):
         def _precompute_ref_logps(self, *a, **k):  # DPO only: runs inside __init__
             t = time.perf_counter()
             out = super()._precompute_ref_logps(*a, **k)
             pre["s"] += time.perf_counter() - t
             return out
 
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_end.append(time.perf_counter())
-            CPU_AT_STEP_END.append(time.process_time())
-            step_tokens.append(pending["tokens"])
-            step_loss.append(pending["loss"])
-            pending.update(tokens=0, loss=0.0)
-
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=[StepTimer()])
+                      callbacks=[step_timer])
     # the tokenized dataset must be exactly what posttrain trains on
     expected = json.loads(Path(spec["features"]).read_text())
     ds = trainer.train_dataset
@@ -329,11 +366,14 @@ def child_trl(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ parent
 
-def run_child(script: str, name: str, precision: str, spec: dict, variants: dict, work: Path) -> dict:
-    framework = variants[name]["framework"]
+def run_child(script: str, name: str, precision: str, spec: dict, variants: dict | None, work: Path) -> dict:
+    """Run `script --child` for variant `name` (without `variants`: `name` is the framework, no variant) in a
+    fresh process; its log and result files go to `work`."""
+    framework = variants[name]["framework"] if variants is not None else name
+    variant = variants[name] if variants is not None else None
     out = work / f"out-{name}-{precision}"
     spec_file = work / f"spec-{name}-{precision}.json"
-    spec_file.write_text(json.dumps({**spec, "precision": precision, "out": str(out), "variant": variants[name]}))
+    spec_file.write_text(json.dumps({**spec, "precision": precision, "out": str(out), "variant": variant}))
     result_file = work / f"result-{name}-{precision}.json"
     result_file.unlink(missing_ok=True)
     log_file = work / f"log-{name}-{precision}.txt"
@@ -349,9 +389,12 @@ def run_child(script: str, name: str, precision: str, spec: dict, variants: dict
     return result
 
 
-def child_main(args) -> None:
+def child_main(args, children: dict | None = None) -> None:
+    """The child process: run `children[args.child]` (default: this module's posttrain / TRL children) on the
+    spec, add the peak RSS and torch's thread count, write the result."""
+    children = children or {"posttrain": child_posttrain, "trl": child_trl}
     spec = json.loads(Path(args.spec).read_text())
-    result = (child_posttrain if args.child == "posttrain" else child_trl)(spec)
+    result = children[args.child](spec)
     import torch
     result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads())
     Path(args.result).write_text(json.dumps(result))
@@ -368,9 +411,16 @@ def versions() -> dict:
     return out
 
 
-def add_arguments(parser) -> None:
+def machine_line(spec: dict, vers: dict) -> str:
+    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {spec.get('threads', '?')}"
+    return f"Machine: {cpu}. Versions: {', '.join(f'{k} {v}' for k, v in vers.items())}."
+
+
+def add_arguments(parser, batch_size_help: str | None = "pairs per step (2x sequences)", runs_of: str = "variant",
+                  extra=None) -> None:
+    """The benchmarks' common flags; `extra(parser)` adds a script's own flags after --warmup."""
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (2x sequences)")
+    parser.add_argument("--batch-size", type=int, default=8, help=batch_size_help)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--size", choices=("tiny", "small", "base"), default="base")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
@@ -379,8 +429,10 @@ def add_arguments(parser) -> None:
                              "(0: keep the BPE size)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run each variant this many times (interleaved) and report the fastest run")
+                        help=f"run each {runs_of} this many times (interleaved) and report the fastest run")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps, batch 4: a smoke test")
     parser.add_argument("--profile", action="store_true", help="cProfile each child (printed into its log)")
     parser.add_argument("--workdir", help="keep data, model, logs and results here (default: a temp dir)")
@@ -394,9 +446,10 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def run_all(args, script: str, stage: str, variants: dict, selected: list[str], work: Path) -> tuple[dict, dict]:
-    """Every selected variant for every precision, interleaved over repeats; the fastest run of each is kept."""
-    spec = {**prepare(args, work, stage), "size": args.size, "repeats": args.repeats}
+def run_repeats(args, script: str, spec: dict, selected: list[str], variants: dict | None, work: Path,
+                describe) -> dict:
+    """{precision: {name: fastest result}} over `args.repeats` interleaved runs of every selected name (see
+    run_child for `variants`); prints a line per run, ending with `describe(result)` and the process time."""
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     results: dict = {}
     for precision in precisions:
@@ -413,8 +466,16 @@ def run_all(args, script: str, stage: str, variants: dict, selected: list[str], 
                 results[precision][name] = best
                 print(f"{precision} {name} run {rep + 1}: {r['tokens_per_s']:.0f} tokens/s "
                       f"({r['tokens_per_cpu_s']:.0f} per CPU-s), peak RSS {r['peak_rss_mb']:.0f} MiB, "
-                      f"precompute {r['precompute_s']}s, loss step 1 {r['losses'][0]:.4f} last {r['final_loss']:.4f} "
-                      f"(process {r['process_s']}s)", flush=True)
+                      f"{describe(r)} (process {r['process_s']}s)", flush=True)
+    return results
+
+
+def run_all(args, script: str, stage: str, variants: dict, selected: list[str], work: Path) -> tuple[dict, dict]:
+    """Every selected variant for every precision, interleaved over repeats; the fastest run of each is kept."""
+    spec = {**prepare(args, work, stage), "size": args.size, "repeats": args.repeats}
+    results = run_repeats(args, script, spec, selected, variants, work,
+                          lambda r: f"precompute {r['precompute_s']}s, loss step 1 {r['losses'][0]:.4f} "
+                                    f"last {r['final_loss']:.4f}")
     (work / "results.json").write_text(json.dumps({"spec": {k: v for k, v in spec.items() if k != "order"},
                                                    "results": results}, indent=1))
     return spec, results
@@ -441,8 +502,6 @@ def markdown(spec: dict, results: dict, variants: dict, comparisons: list[tuple[
                          f"{p['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
                          f"{p['loop_tokens_per_s'] / t['loop_tokens_per_s']:.2f}x | | "
                          f"**{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x** | max per-step loss diff {diff:.1e} |")
-    vers = ", ".join(f"{k} {v}" for k, v in versions().items())
-    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {spec.get('threads', '?')}"
     setup = (f"Model: Qwen2-shaped `{spec['size']}` ({spec['params'] / 1e6:.1f}M parameters, {spec['vocab']} "
              f"embedding rows, tied head). Data: {spec['pairs']} pairs (mean {spec['mean_pair_tokens']} tokens per "
              f"pair, chosen + rejected with the prompt in each; longest sequence {spec['max_sequence']}). Batch "
@@ -450,7 +509,7 @@ def markdown(spec: dict, results: dict, variants: dict, comparisons: list[tuple[
              f"warmup steps not timed; best of {spec['repeats']} interleaved runs), lr {LR}. The steps cover "
              f"{spec['tokens_in_steps']} real tokens ({spec['prompt_tokens_in_steps']} prompt, "
              f"{spec['response_tokens_in_steps']} response; {spec['padded_tokens_in_steps']} with padding).")
-    return "\n".join([f"Command: `{command}`", "", f"Machine: {cpu}. Versions: {vers}.", "", setup, "", *lines])
+    return "\n".join([f"Command: `{command}`", "", machine_line(spec, versions()), "", setup, "", *lines])
 
 
 def main(script: str, stage: str, variants: dict, comparisons: list[tuple[str, str]], doc: str) -> None:

@@ -37,18 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from common import (LR, SEED, add_arguments, child_main, count_params, machine_line, make_model, profiled,
+                    run_repeats, summarize, time_posttrain_steps, timed_trl_trainer, versions)
+
 HERE = Path(__file__).resolve().parent
-SEED = 42
-LR = 5e-5
 
 # A turn of the tokenizer's ChatML template (posttrain.init_model.CHAT_TEMPLATE): header, body (content and tool
 # calls), end. The TRL side gets the same template with {% generation %} tags around what posttrain trains in an
@@ -74,65 +70,18 @@ def generation_template() -> str:
     return template
 
 
-# ------------------------------------------------------------------------------------------ helpers
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-CPU_AT_STEP_END: list[float] = []  # process CPU time (all threads) at each step end: robust to other load
-
-
-def summarize(step_end: list[float], step_tokens: list[int], step_loss: list[float], loop_s: float,
-              warmup: int) -> dict:
-    n = len(step_end)
-    w = min(warmup, n - 1)
-    timed_tokens = sum(step_tokens[w:])
-    timed_s = step_end[-1] - step_end[w - 1] if w > 0 else loop_s
-    cpu_s = CPU_AT_STEP_END[-1] - CPU_AT_STEP_END[w - 1] if w > 0 else float("nan")
-    return {"steps": n, "warmup_steps": w, "timed_tokens": timed_tokens, "timed_s": round(timed_s, 3),
-            "tokens_per_s": round(timed_tokens / max(timed_s, 1e-9), 1),
-            "timed_cpu_s": round(cpu_s, 3), "tokens_per_cpu_s": round(timed_tokens / max(cpu_s, 1e-9), 1),
-            "loop_s": round(loop_s, 3), "loop_tokens_per_s": round(sum(step_tokens) / max(loop_s, 1e-9), 1),
-            "final_loss": round(step_loss[-1], 4),
-            "final_loss_last5": round(sum(step_loss[-5:]) / len(step_loss[-5:]), 4),
-            "losses": [round(x, 4) for x in step_loss]}
-
-
 # ------------------------------------------------------------------------------------------ children
 
 def child_posttrain(spec: dict) -> dict:
-    import posttrain.trainer as trainer_mod
     from posttrain.config import build_config
     from posttrain.train import run_training
 
-    step_end, step_tokens, step_loss = [], [], []
-    original = trainer_mod.Trainer._train_step
-    loop = {}
-
-    def timed_step(self, step_batches):
-        loop.setdefault("start", time.perf_counter())
-        result = original(self, step_batches)
-        step_end.append(time.perf_counter())
-        CPU_AT_STEP_END.append(time.process_time())
-        step_tokens.append(int(result["tokens"]))
-        step_loss.append(float(result["loss"]))
-        return result
-
-    trainer_mod.Trainer._train_step = timed_step
+    step_end, step_tokens, step_loss, loop = time_posttrain_steps()
     config = build_config(posttrain_raw_config(spec))
-    if spec.get("profile"):
-        import cProfile
-        import pstats
-        prof = cProfile.Profile()
-        prof.enable()
-        run_training(config)
-        prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
-    else:
-        run_training(config)
+    profiled(lambda: run_training(config), spec)
     loop_s = step_end[-1] - loop["start"]
-    return summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"])
+    return summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"], loss_digits=4,
+                     with_step_tokens=False)
 
 
 def posttrain_raw_config(spec: dict) -> dict:
@@ -147,7 +96,7 @@ def posttrain_raw_config(spec: dict) -> dict:
 def child_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
@@ -166,28 +115,9 @@ def child_trl(spec: dict) -> dict:
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
         gradient_checkpointing=False, dataset_num_proc=None)
 
-    step_end, step_tokens, step_loss = [], [], []
-    pending = {"tokens": 0, "loss": 0.0}
-    loop = {}
-
-    class Trainer(SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loop.setdefault("start", time.perf_counter())
-            pending["tokens"] += int(inputs["attention_mask"].sum())
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            pending["loss"] += float(loss)
-            return loss
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_end.append(time.perf_counter())
-            CPU_AT_STEP_END.append(time.process_time())
-            step_tokens.append(pending["tokens"])
-            step_loss.append(pending["loss"])
-            pending.update(tokens=0, loss=0.0)
-
+    Trainer, step_timer, step_end, step_tokens, step_loss, loop = timed_trl_trainer(SFTTrainer)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      callbacks=[StepTimer()])
+                      callbacks=[step_timer])
     # the tokenized dataset must be exactly what posttrain trains on
     expected = json.loads(Path(spec["features"]).read_text())
     ds = trainer.train_dataset
@@ -198,18 +128,10 @@ def child_trl(spec: dict) -> dict:
             t if m else -100 for t, m in zip(got_ids, mask)]
         if got_ids != expected[i]["input_ids"] or got_labels != expected[i]["labels"]:
             raise SystemExit(f"TRL tokenized row {i} differently from posttrain")
-    if spec.get("profile"):
-        import cProfile
-        import pstats
-        prof = cProfile.Profile()
-        prof.enable()
-        trainer.train()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
-    else:
-        trainer.train()
+    profiled(trainer.train, spec)
     loop_s = step_end[-1] - loop["start"]
-    result = summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"])
+    result = summarize(step_end, step_tokens, step_loss, loop_s, spec["warmup"], loss_digits=4,
+                       with_step_tokens=False)
     result["checked_same_tokens_and_labels"] = True
     return result
 
@@ -221,7 +143,6 @@ def prepare(args, work: Path) -> dict:
     from posttrain.config import build_config
     from posttrain.data.batching import batch_indices
     from posttrain.demo.data import make_sft_rows
-    from posttrain.init_model import init_model
     from posttrain.modeling import load_tokenizer
     from posttrain.stages import STAGES
     from posttrain.train import prepare_data
@@ -230,19 +151,7 @@ def prepare(args, work: Path) -> dict:
     rows = make_sft_rows(n_rows, seed=SEED)
     data = work / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
-    model_dir = work / f"model-{args.size}-{args.embedding_rows}"
-    if not (model_dir / "config.json").is_file():
-        init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
-        if args.embedding_rows:
-            # Real models carry 32k-150k embedding rows; the generated corpus only supports a small BPE
-            # vocabulary, so the embedding (and tied LM head) is widened to a realistic size. The extra rows
-            # are never produced by the tokenizer but cost what they cost in a real model's head.
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model_dir)
-            model.resize_token_embeddings(args.embedding_rows, mean_resizing=False)
-            model.save_pretrained(model_dir)
+    model_dir = make_model(args, work)
 
     spec = {"model": str(model_dir), "data": str(data), "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "warmup": args.warmup, "group_by_length": args.group_by_length,
@@ -267,47 +176,12 @@ def prepare(args, work: Path) -> dict:
     batches = batch_indices(lengths, args.batch_size, seed=SEED, epoch=0, group_by_length=args.group_by_length)
     order = [i for b in batches[:args.steps] for i in b]
 
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(model_dir)
-    h, L, inter, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    params = V * h + L * (h * h * 2 + h * kv * 2 + h + 2 * kv + 3 * h * inter + 2 * h) + h  # tied head
+    params, V = count_params(model_dir)
     trained = sum(sum(x != -100 for x in features[i]["labels"][1:]) for i in order)
     return {**spec, "features": str(feats), "order": order, "params": params, "vocab": V, "rows": len(rows),
             "mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths),
             "tokens_in_steps": sum(lengths[i] for i in order), "trained_tokens_in_steps": trained,
             "padded_tokens_in_steps": sum(max(lengths[i] for i in b) * len(b) for b in batches[:args.steps])}
-
-
-def run_child(framework: str, precision: str, spec: dict, work: Path) -> dict:
-    name, variant = framework, None
-    out = work / f"out-{name}-{precision}"
-    spec_file = work / f"spec-{name}-{precision}.json"
-    spec_file.write_text(json.dumps({**spec, "precision": precision, "out": str(out), "variant": variant}))
-    result_file = work / f"result-{name}-{precision}.json"
-    result_file.unlink(missing_ok=True)
-    log_file = work / f"log-{name}-{precision}.txt"
-    started = time.time()
-    with log_file.open("w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--child", framework, "--spec", str(spec_file),
-                               "--result", str(result_file)], stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not result_file.is_file():
-        tail = log_file.read_text()[-3000:]
-        raise SystemExit(f"{framework} {precision} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
-    result = json.loads(result_file.read_text())
-    result["process_s"] = round(time.time() - started, 1)
-    return result
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-    out = {"python": platform.python_version()}
-    for name in ("posttrain", "torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            out[name] = version(name)
-        except Exception:  # noqa: BLE001
-            out[name] = "?"
-    return out
 
 
 def markdown(spec: dict, results: dict, vers: dict, command: str) -> str:
@@ -333,43 +207,22 @@ def markdown(spec: dict, results: dict, vers: dict, command: str) -> str:
              f"{spec['group_by_length']} (posttrain's batches, replayed in order by TRL). The {spec['steps']} steps "
              f"cover {spec['tokens_in_steps']} real tokens ({spec['padded_tokens_in_steps']} with "
              f"padding), {spec['trained_tokens_in_steps']} of them trained (assistant turns).")
-    ver = ", ".join(f"{k} {v}" for k, v in vers.items())
-    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {spec.get('threads', '?')}"
-    return "\n".join([f"Command: `{command}`", "", f"Machine: {cpu}. Versions: {ver}.", "", setup, "",
-                      *lines])
+    return "\n".join([f"Command: `{command}`", "", machine_line(spec, vers), "", setup, "", *lines])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--size", choices=("tiny", "small", "base"), default="base")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
-    parser.add_argument("--embedding-rows", type=int, default=32000,
-                        help="widen the embedding / LM head to this many rows, like a real model's vocabulary "
-                             "(0: keep the BPE size)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
-    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
-    parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
-    parser.add_argument("--frameworks", default="posttrain,trl",
-                        help="comma-separated: posttrain,trl")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each framework this many times (interleaved) and report the fastest run")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps, batch 4: a smoke test")
-    parser.add_argument("--profile", action="store_true", help="cProfile each child (printed into its log)")
-    parser.add_argument("--workdir", help="keep data, model, logs and results here (default: a temp dir)")
-    parser.add_argument("--child", choices=("posttrain", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+    def sft_arguments(parser):
+        parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
+        parser.add_argument("--frameworks", default="posttrain,trl",
+                            help="comma-separated: posttrain,trl")
+
+    add_arguments(parser, batch_size_help=None, runs_of="framework", extra=sft_arguments)
     args = parser.parse_args()
 
     if args.child:
-        spec = json.loads(Path(args.spec).read_text())
-        result = (child_posttrain if args.child == "posttrain" else child_trl)(spec)
-        import torch
-        result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads())
-        Path(args.result).write_text(json.dumps(result))
+        child_main(args, {"posttrain": child_posttrain, "trl": child_trl})
         return
 
     if args.quick:
@@ -380,25 +233,9 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         spec = {**prepare(args, work), "size": args.size, "repeats": args.repeats}
-        precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
         frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-        results: dict = {}
-        for precision in precisions:
-            results[precision] = {}
-            for rep in range(args.repeats):  # interleaved, so a burst of load on the machine hits both
-                for framework in frameworks:
-                    r = run_child(framework, precision, spec, work)
-                    spec["threads"] = r["threads"]
-                    best = results[precision].get(framework)
-                    runs = (best or {}).get("runs_tokens_per_s", []) + [r["tokens_per_s"]]
-                    if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
-                        best = r
-                    best["runs_tokens_per_s"] = runs
-                    results[precision][framework] = best
-                    print(f"{precision} {framework} run {rep + 1}: {r['tokens_per_s']:.0f} tokens/s "
-                          f"({r['tokens_per_cpu_s']:.0f} per CPU-s), peak RSS "
-                          f"{r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']:.4f} "
-                          f"(process {r['process_s']}s)", flush=True)
+        results = run_repeats(args, __file__, spec, frameworks, None, work,
+                              lambda r: f"final loss {r['final_loss']:.4f}")
         if not {"posttrain", "trl"} <= set(frameworks):
             print(json.dumps(results, indent=1))
             return

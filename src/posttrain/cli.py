@@ -86,16 +86,7 @@ def _config_reference(args) -> None:
         print(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="run the stage named by `stage:` in a YAML config")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=6")
-    p.set_defaults(func=_train)
-
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="detected format, counts, token lengths, problems, a rendered example")
     p.add_argument("file")
@@ -111,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="rankings: rows {prompt, responses: [best, ..., worst], ranks?}")
     p.add_argument("--out", required=True, help="JSONL of {prompt, chosen, rejected}")
     p.set_defaults(func=_pairs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run the stage named by `stage:` in a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=6")
+    p.set_defaults(func=_train)
+
+    _add_data_commands(sub)
 
     p = sub.add_parser("score", help="a reward per row from a reward model (stage rm)")
     p.add_argument("--model", required=True, help="reward model directory")

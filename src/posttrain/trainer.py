@@ -61,8 +61,9 @@ class Trainer:
         self.optimizer = self._optimizer(model)
         self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
+            step = self.train_cfg.batch_size * self.train_cfg.grad_accum * accelerator.num_processes
             raise DataError(f"{len(units)} training items cannot fill one step of batch_size x grad_accum x "
-                            f"processes = {self.train_cfg.batch_size * self.train_cfg.grad_accum * accelerator.num_processes}")
+                            f"processes = {step}")
         if self.train_cfg.early_stopping_patience and not eval_units:
             raise ConfigError("train.early_stopping_patience needs evaluation data (data.eval or data.eval_fraction)")
         self.best_weights: dict | None = None
@@ -196,17 +197,7 @@ class Trainer:
         if self.stage.prepare is not None:  # before a checkpoint replaces the initial weights
             self.stage.prepare(self, self.ctx)
         if resume_from is not None:
-            loaded = ckpt.load_checkpoint(resume_from, model=self.raw_model, optimizer=self.optimizer,
-                                          scheduler=self.scheduler, rank=acc.process_index)
-            if loaded.get("fingerprint") != self.fingerprint():
-                raise ConfigError(f"resume: {resume_from} was written by a run with a different batch plan "
-                                  f"({loaded.get('fingerprint')} vs now {self.fingerprint()}); start a new "
-                                  f"output_dir or set resume: null")
-            self.state = LoopState(**{k: v for k, v in loaded.items() if k in LoopState.__annotations__})
-            self._apply_unfreeze(self.state.epoch)
-            if acc.is_main_process:  # drop lines the interrupted run logged after this checkpoint
-                kept = [r for r in _read_lines(metrics_file) if r.get("step", 0) <= self.state.step]
-                metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._resume(resume_from, metrics_file)
         elif acc.is_main_process:
             metrics_file.write_text("")
         self._run_started = time.time()
@@ -262,6 +253,19 @@ class Trainer:
                 "best_step": self.state.best_step, "final_eval": last_eval,
                 "runtime_s": round(self.state.runtime_s, 2),
                 "tokens_seen": self.state.tokens_seen}
+
+    def _resume(self, checkpoint: Path, metrics_file: Path) -> None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("fingerprint")
+        if saved != self.fingerprint():
+            raise ConfigError(f"resume: {checkpoint} was written by a run with a different batch plan "
+                              f"({saved} vs now {self.fingerprint()}); start a new output_dir or set resume: null")
+        loaded = ckpt.load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, rank=self.accelerator.process_index)
+        self.state = LoopState(**{k: v for k, v in loaded.items() if k in LoopState.__annotations__})
+        self._apply_unfreeze(self.state.epoch)
+        if self.accelerator.is_main_process:  # drop lines the interrupted run logged after this checkpoint
+            kept = [r for r in _read_lines(metrics_file) if r.get("step", 0) <= self.state.step]
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resumption for the batch plan to be the same."""

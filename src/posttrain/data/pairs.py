@@ -11,14 +11,12 @@ Every truncated example is counted in the stats.
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
 from ..errors import DataError
-from .encode import IGNORE, SkippableError, _render, assistant_spans, check_chat_template
+from .encode import IGNORE, EncodeStats, SkippableError, _render, assistant_spans, check_chat_template
 from .examples import Conversation, Feedback, Message, Preference
 
 
@@ -81,25 +79,8 @@ def encode_feedback(tokenizer, ex: Feedback, max_length: int, max_prompt_length:
 
 # --------------------------------------------------------------------------- whole datasets
 
-@dataclass
-class PairStats:
-    """What encoding did to a preference dataset, reported before training starts."""
-
-    examples: int = 0
-    truncated: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    lengths: list[int] = field(default_factory=list)  # tokens of each prompt + response sequence
-
-    def summary(self) -> str:
-        parts = [f"{self.examples} examples -> {len(self.lengths)} sequences"]
-        if self.lengths:
-            parts.append(f"length mean {sum(self.lengths) / len(self.lengths):.0f} / max {max(self.lengths)}")
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated")
-        if self.skipped:
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
-            parts.append(f"{sum(self.skipped.values())} skipped ({reasons})")
-        return ", ".join(parts)
+# preference datasets report like chat datasets; trained tokens are the response tokens
+PairStats = EncodeStats
 
 
 def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length, max_prompt_length,
@@ -120,12 +101,14 @@ def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length
         stats.examples += 1
         stats.truncated += feature["truncated"]
         stats.lengths += [len(feature["prompt_ids"]) + len(feature[key]) for key in response_keys]
+        stats.trained_tokens += sum(len(feature[key]) for key in response_keys)
         features.append(feature)
     return features, stats
 
 
 def encode_preferences(examples: Iterable[Preference], tokenizer, *, max_length: int,
-                       max_prompt_length: int | None = None, skip_invalid: bool = False) -> tuple[list[dict], PairStats]:
+                       max_prompt_length: int | None = None,
+                       skip_invalid: bool = False) -> tuple[list[dict], PairStats]:
     """Encode pairs for rm/dpo; per-example problems raise, or with skip_invalid are counted by reason."""
     return _encode_all(examples, encode_preference, Preference, ("chosen_ids", "rejected_ids"), tokenizer,
                        max_length, max_prompt_length, skip_invalid)

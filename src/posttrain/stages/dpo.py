@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from ..data.pairs import collate_pairs, encode_preferences
+from ..data.pairs import collate_pairs
 from ..losses import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_rewards
 from .base import Stage
 from .lm import response_logps
 from .prefix import collate_shared_prefix, shared_prefix_logps
-from .reference import pair_tokens, Reference, StageContext, evaluate_with_loss, precompute_reference
+from .reference import (Reference, StageContext, encode_pairs, evaluate_with_loss, pair_tokens,
+                        precompute_reference)
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
     reference = None
     if config.dpo.loss not in REFERENCE_FREE_LOSSES:
         reference = Reference.build(config.dpo, config, tokenizer, accelerator.device)
     return StageContext(config, reference, {"pad_id": tokenizer.pad_token_id})
-
-
-def encode(examples, tokenizer, config):
-    return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
-                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
 
 
 def collate(features, pad_id, ctx):
@@ -96,5 +92,5 @@ def evaluate(model, batches, autocast, ctx):
     return evaluate_with_loss(dpo_loss, model, batches, autocast, ctx)
 
 
-STAGE = Stage("dpo", "preference", "causal", dpo_loss, evaluate, count=count_pairs, encode=encode, collate=collate,
-              length=pair_tokens, setup=setup, prepare=prepare)
+STAGE = Stage("dpo", "preference", "causal", dpo_loss, evaluate, count=count_pairs, encode=encode_pairs,
+              collate=collate, length=pair_tokens, setup=setup, prepare=prepare)

@@ -94,6 +94,14 @@ def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], 
                     unit[key] = value
 
 
+def encode_pairs(examples, tokenizer, config):
+    """Preference pairs for rm and dpo, under the data section's length limits."""
+    from ..data.pairs import encode_preferences
+
+    return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
+                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
+
+
 def pair_tokens(feature: dict) -> int:
     """Tokens a feature stands for (the prompt counts once per sequence it is part of)."""
     return 2 * len(feature["prompt_ids"]) + len(feature["chosen_ids"]) + len(feature["rejected_ids"])

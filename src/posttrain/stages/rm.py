@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..data.pairs import collate_pairs, encode_preferences
+from ..data.pairs import collate_pairs
 from ..losses import bradley_terry
 from .base import Stage
 from .prefix import collate_shared_prefix, shared_prefix_rewards
-from .reference import pair_tokens, StageContext, evaluate_with_loss
+from .reference import StageContext, encode_pairs, evaluate_with_loss, pair_tokens
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
     return StageContext(config)
-
-
-def encode(examples, tokenizer, config):
-    return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
-                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
 
 
 def collate(features, pad_id, ctx):
@@ -66,7 +61,8 @@ def finish(trainer, ctx) -> dict:
     total, count = 0.0, 0
     size = trainer.train_cfg.batch_size
     for start in range(0, len(trainer.units), size):
-        batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.collate(trainer.units[start:start + size]).items()}
+        units = trainer.units[start:start + size]
+        batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.collate(units).items()}
         with trainer.accelerator.autocast():
             scores = rewards(model, batch)
         total += float(scores.sum())
@@ -77,5 +73,5 @@ def finish(trainer, ctx) -> dict:
     return {"reward_mean_on_train_responses": mean, "reward_offset": -mean}
 
 
-STAGE = Stage("rm", "preference", "reward", rm_loss, evaluate, count=count_pairs, encode=encode, collate=collate,
-              length=pair_tokens, setup=setup, finish=finish)
+STAGE = Stage("rm", "preference", "reward", rm_loss, evaluate, count=count_pairs, encode=encode_pairs,
+              collate=collate, length=pair_tokens, setup=setup, finish=finish)
