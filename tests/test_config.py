@@ -59,3 +59,9 @@ def test_every_example_config_runs(example, tiny_model, tmp_path, monkeypatch):
                  "train.eval_steps=2", "train.save_steps=null"]
     summary = run_training(load_config(example, overrides))
     assert summary["steps"] == 2
+
+
+def test_rules_across_keys_are_explained():
+    with pytest.raises(ConfigError, match=r"^invalid config:\n  dpo.prefix_sharing needs dpo.reference: precompute"):
+        build_config(minimal(stage="dpo", dpo={"prefix_sharing": True, "reference": "copy"}))
+    assert build_config(minimal(stage="dpo", dpo={"prefix_sharing": True})).dpo.prefix_sharing

@@ -195,6 +195,13 @@ class Config(Section):
             raise ValueError("freeze.gradual_unfreeze needs freeze.trainable_layers")
         if self.data.packing and self.stage not in ("pt", "sft"):
             raise ValueError("data.packing applies to pt and sft only")
+        reference = self.dpo.strategy
+        if reference == "auto":
+            reference = "adapter" if self.adapter.type == "lora" else "precompute"
+        if (self.stage == "dpo" and self.dpo.prefix_sharing and self.dpo.loss not in ("simpo", "orpo")
+                and reference != "precompute"):
+            raise ValueError("dpo.prefix_sharing needs dpo.reference: precompute (or a reference-free loss: "
+                             "simpo, orpo)")
         return self
 
     @property
@@ -255,6 +262,8 @@ def _describe(error: dict) -> str:
         return f"unknown key '{name}'{hint}" + (f" (valid: {', '.join(valid)})" if not close and valid else "")
     if error["type"] == "missing":
         return f"missing required key '{name}'"
+    if not name:  # a rule about several keys at once
+        return error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     shown = repr(got) if not isinstance(got, dict) else "a mapping"
     return f"'{name}': {error['msg']} (got {shown})"

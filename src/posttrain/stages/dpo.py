@@ -15,6 +15,7 @@ from .prefix import collate_shared_prefix, shared_prefix_logps
 from .reference import (Reference, StageContext, encode_pairs, evaluate_with_loss, pair_tokens,
                         precompute_reference)
 
+
 def setup(config, model, tokenizer, accelerator) -> StageContext:
     reference = None
     if config.dpo.loss not in REFERENCE_FREE_LOSSES:
@@ -79,10 +80,6 @@ def count_pairs(batch: dict) -> int:
 
 
 def prepare(trainer, ctx) -> None:
-    if ctx.config.dpo.prefix_sharing and ctx.reference is not None and ctx.reference.strategy != "precompute":
-        from ..errors import ConfigError
-
-        raise ConfigError("dpo.prefix_sharing needs dpo.reference: precompute (or a reference-free loss)")
     # reference log-probs are always computed on the plain concatenated layout
     precompute_reference(trainer, ctx, ("ref_chosen_logps", "ref_rejected_logps"),
                          lambda units: collate_pairs(units, ctx.extra["pad_id"]))
