@@ -165,6 +165,16 @@ class EncodeStats:
     lengths: list[int] = field(default_factory=list)  # tokens per produced feature
     trained_tokens: int = 0
 
+    def attempt(self, encode, skip_invalid: bool):
+        """encode(), or None with the reason counted when it raises a SkippableError and skip_invalid is set."""
+        try:
+            return encode()
+        except SkippableError as err:
+            if not skip_invalid:
+                raise
+            self.skipped[err.kind] += 1
+            return None
+
     def summary(self) -> str:
         parts = [f"{self.examples} examples -> {len(self.lengths)} sequences"]
         if self.lengths:
@@ -214,12 +224,9 @@ def encode_all(examples: Iterable, tokenizer, stage: str, *, max_length: int, tr
     features: list[dict] = []
     stats = EncodeStats()
     for example in examples:
-        try:
-            encoded = _encode_one(example, tokenizer, stage, max_length, train_on_prompt, label2id)
-        except SkippableError as err:
-            if not skip_invalid:
-                raise
-            stats.skipped[err.kind] += 1
+        encoded = stats.attempt(lambda: _encode_one(example, tokenizer, stage, max_length, train_on_prompt,
+                                                    label2id), skip_invalid)
+        if encoded is None:
             continue
         stats.examples += 1
         stats.truncated += any(f["truncated"] for f in encoded)

@@ -91,12 +91,8 @@ def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length
         if not isinstance(ex, expected):
             raise DataError(f"expected {expected.__name__} examples, got {type(ex).__name__}",
                             getattr(ex, "source", None))
-        try:
-            feature = encode(tokenizer, ex, max_length, max_prompt_length)
-        except SkippableError as err:
-            if not skip_invalid:
-                raise
-            stats.skipped[err.kind] += 1
+        feature = stats.attempt(lambda: encode(tokenizer, ex, max_length, max_prompt_length), skip_invalid)
+        if feature is None:
             continue
         stats.examples += 1
         stats.truncated += feature["truncated"]
