@@ -118,3 +118,9 @@ def check(task_or_answer: Task | dict | str, completion: str) -> float:
     answer = task_or_answer if isinstance(task_or_answer, str) else (
         task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
     return float(normalize_answer(completion) == normalize_answer(answer) != "")
+
+
+def check_reward(prompts, completions, *, answer, **columns) -> list[float]:
+    """`check` as a reward source (`rewards: [{function: "posttrain.demo.tasks:check_reward"}]`): the
+    rows' `answer` column against each completion."""
+    return [check(str(a), c) for a, c in zip(answer, completions)]
