@@ -222,3 +222,41 @@ def test_generate_cli_bad_prompt_is_one_line_with_file_and_line(varied_model, tm
     assert result.returncode == 2
     assert f"{prompts}:2" in result.stderr and "must end with a user" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_prompt_logprobs_equal_a_plain_forward_of_each_prompt(engine):
+    prompts = encode(engine)
+    scored = engine.prompt_logprobs(prompts, top_logprobs=3, batch_size=2)  # padded batches of mixed lengths
+    for prompt, result in zip(prompts, scored):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(engine.model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        expected = logprobs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert result.token_ids == prompt and result.logprobs[0] is None and result.top[0] is None
+        torch.testing.assert_close(torch.tensor(result.logprobs[1:]), expected, atol=1e-4, rtol=0)
+        for position, top in enumerate(result.top[1:]):
+            values, ids = logprobs[position].topk(3)
+            assert [i for i, _ in top] == ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=0)
+
+
+def test_top_logprobs_list_the_most_likely_tokens_at_each_step(engine):
+    params = SamplingParams(max_new_tokens=6, temperature=0, top_logprobs=4)
+    for completion in engine.generate(encode(engine), params):
+        assert len(completion.top_logprobs) == len(completion.token_ids)
+        for token, logprob, top in zip(completion.token_ids, completion.logprobs, completion.top_logprobs):
+            assert len(top) == 4 and top[0][0] == token  # greedy: the sampled token is the most likely
+            assert abs(top[0][1] - logprob) < 1e-5 and [v for _, v in top] == sorted([v for _, v in top], reverse=True)
+    plain = engine.generate(encode(engine), SamplingParams(max_new_tokens=6, temperature=0))
+    assert all(c.top_logprobs == [] for c in plain)
+
+
+def test_decode_rows_can_be_ended_early_by_the_caller(engine):
+    prompts = encode(engine)
+    steps = 0
+    for rows in engine.decode(prompts, SamplingParams(max_new_tokens=20, temperature=0)):
+        steps += 1
+        for row in rows:
+            if row.finish_reason is None and len(row.token_ids) >= 2:
+                row.finish_reason = "cancelled"
+    assert steps == 2
+    assert [engine.finish(row).finish_reason for row in rows] == ["cancelled"] * 3

@@ -18,6 +18,12 @@ sampled and what is recorded are visible in one place:
 
 `Engine.stream` yields text deltas for one prompt and never emits text that could still turn out to be the
 start of a stop string (it is held back until it is clear), which is what a server needs for SSE.
+
+For the server (`posttrain.serve`): `Engine.decode` is the decoding loop itself, yielding the rows after every
+step so that a caller can stream several rows at once (`visible_text`) and end a row early by setting its
+`finish_reason` (a cancelled request, or a row with a smaller token budget than its batch);
+`SamplingParams.top_logprobs` records the k most likely tokens at every step; `Engine.prompt_logprobs` scores
+the prompt tokens themselves (what `echo` with `logprobs` returns and lm-evaluation-harness sums).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # None: torch's global generator
     n: int = 1  # samples per prompt
+    top_logprobs: int = 0  # also record the k most likely tokens at each step (Completion.top_logprobs)
 
     def __post_init__(self):
         problems = [f"{name} {why}" for name, bad, why in (
@@ -48,6 +55,7 @@ class SamplingParams:
             ("top_p", not 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k < 0, "must be >= 0"),
             ("n", self.n < 1, "must be at least 1"),
+            ("top_logprobs", self.top_logprobs < 0, "must be >= 0"),
             ("stop", any(not isinstance(s, str) or not s for s in self.stop), "must be non-empty strings"),
         ) if bad]
         if problems:
@@ -62,6 +70,18 @@ class Completion:
     logprobs: list[float]  # one per token id: log pi under logits / temperature, before top-k / top-p
     finish_reason: str  # "stop" (stop token or stop string) | "length"
     prompt_tokens: int = 0  # usage counts for the server
+    # with params.top_logprobs = k: per token, the k most likely (token id, log-prob), same distribution as logprobs
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobs:
+    """Log-probs of a prompt's own tokens under the model (temperature 1): entry i scores token i given tokens
+    before it, so the first entry is None; `top` holds the k most likely (token id, log-prob) there."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
 
 
 @dataclass
@@ -78,6 +98,7 @@ class _Row:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut it (final then)
     finish_reason: str | None = None
 
@@ -150,13 +171,58 @@ class Engine:
             row = rows[0]
             if row.finish_reason is not None:
                 continue  # the loop ends here: the decoder stops once every row has finished
-            text = self._decode_text(row.token_ids)
-            safe = len(text) - _held_back(text, params.stop)
-            if safe > sent:
-                yield Delta(text[sent:safe])
-                sent = safe
+            text = self.visible_text(row, params.stop)
+            if len(text) > sent:
+                yield Delta(text[sent:])
+                sent = len(text)
         completion = self._completion(row)
         yield Delta(completion.text[sent:], completion)
+
+    def decode(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[_Row]]:
+        """The decoding loop, step by step: yields all rows (prompts x n, updated in place) after each step.
+        A caller may set `row.finish_reason` on an unfinished row to end it early; the loop ends when every
+        row has finished. `finish(row)` turns a row into its Completion."""
+        return self._decode(prompts, params)
+
+    def finish(self, row: _Row) -> Completion:
+        return self._completion(row)
+
+    def visible_text(self, row: _Row, stop: list[str]) -> str:
+        """The text of an unfinished row that is safe to show: without a trailing possible start of a stop
+        string or an incomplete UTF-8 character."""
+        text = self._decode_text(row.token_ids)
+        return text[:len(text) - _held_back(text, stop)]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[list[int]], top_logprobs: int = 0,
+                        batch_size: int = 8) -> list[PromptLogprobs]:
+        """Score each prompt's tokens (one forward per `batch_size` prompts, left padded like generation)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        results = []
+        try:
+            device = next(model.parameters()).device
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                input_ids, attention_mask = self._left_pad(chunk, device)
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).logits
+                width = input_ids.shape[1]
+                for index, prompt in enumerate(chunk):
+                    # positions width-len .. width-2 predict the prompt's tokens 1 .. len-1
+                    rows = logits[index, width - len(prompt):width - 1].float().log_softmax(dim=-1)
+                    targets = torch.tensor(prompt[1:], device=device, dtype=torch.long)
+                    scored = rows.gather(-1, targets[:, None]).squeeze(-1).tolist()
+                    top = [None] * len(prompt)
+                    if top_logprobs > 0:
+                        values, ids = rows.topk(min(top_logprobs, rows.shape[-1]), dim=-1)
+                        top = [None] + [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                    results.append(PromptLogprobs(list(prompt), [None] + scored, top))
+        finally:
+            model.train(was_training)
+        return results
 
     # ---------------------------------------------------------------- the decoding loop
 
@@ -183,8 +249,11 @@ class Engine:
                                past_key_values=cache, use_cache=True).logits[:, -1, :].float()
                 tokens, logprobs = sample(logits, params, generator)
                 is_stop = torch.isin(tokens, stop_ids).tolist()
+                top = _top_logprobs(logits, params) if params.top_logprobs else None
                 for index, row in enumerate(rows):
                     if row.finish_reason is None:
+                        if top is not None:
+                            row.top_logprobs.append(top[index])
                         self._append(row, tokens[index].item(), logprobs[index].item(), is_stop[index], params)
                 yield rows
                 if all(row.finish_reason is not None for row in rows):
@@ -229,7 +298,7 @@ class Engine:
         if text is None:  # a stop token is never part of the text
             text = self._decode_text(row.token_ids[:-1] if row.finish_reason == "stop" else row.token_ids)
         return Completion(row.prompt_index, row.token_ids, text, row.logprobs, row.finish_reason or "length",
-                          prompt_tokens=row.prompt_tokens)
+                          prompt_tokens=row.prompt_tokens, top_logprobs=row.top_logprobs)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
@@ -243,6 +312,13 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     filtered = top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
     tokens = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _top_logprobs(logits: torch.Tensor, params: SamplingParams) -> list[list[tuple[int, float]]]:
+    """The k most likely tokens per row under the distribution `sample` records logprobs with."""
+    logprobs = torch.log_softmax(logits / (params.temperature or 1.0), dim=-1)
+    values, ids = logprobs.topk(min(params.top_logprobs, logprobs.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
