@@ -55,6 +55,42 @@ def _generate(args) -> None:
           f"({counts['length']} cut at --max-new-tokens) -> {args.out}")
 
 
+def _run(args) -> None:
+    from .recipe import format_results, run_recipe
+
+    results = run_recipe(args.recipe, from_step=args.from_step, out=args.out)
+    ran = sum(not r["skipped"] for r in results.values())
+    print(f"{ran} of {len(results)} steps ran:\n{format_results(results)}")
+
+
+def _eval(args) -> None:
+    from .evaluate import evaluate, format_result, write_result
+
+    result = evaluate(args.model, adapter=args.adapter, tasks=args.tasks, data=args.data, pairs=args.pairs,
+                      reward_model=args.reward_model, reference=args.reference, max_new_tokens=args.max_new_tokens,
+                      n_samples=args.n_samples, batch_size=args.batch_size, max_length=args.max_length,
+                      checker=args.checker, chat_template=args.chat_template, generations_out=args.generations)
+    print(format_result(result))
+    if args.out:
+        print(f"-> {write_result(result, args.out)}")
+
+
+def _serve(args) -> None:
+    from .serve import serve
+
+    serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
+          chat_template=args.chat_template, dtype=args.dtype)
+
+
+def _chat(args) -> None:
+    from .chat import run_chat
+    from .engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template)
+
+
 def _init_model(args) -> None:
     from .init_model import init_model, read_corpus
 
@@ -139,6 +175,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
+    p.add_argument("--model", required=True, help="model directory or hub id (also its served name)")
+    p.add_argument("--lora", action="append", metavar="NAME=DIR", help="serve a LoRA adapter as model NAME")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("chat", help="a multi-turn chat in the terminal, streamed (/reset, /exit)")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--adapter", help="LoRA adapter directory on top of --model")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("run", help="run a multi-stage recipe (steps whose inputs are unchanged are skipped)")
+    p.add_argument("recipe", help="recipe YAML: out, vars, steps")
+    p.add_argument("--from", dest="from_step", metavar="STEP", help="rerun this step and every step after it")
+    p.add_argument("--out", help="output root (default: the recipe's `out`, else runs/<recipe name>)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("eval", help="task accuracy, reward-model score and accuracy, KL to a reference, perplexity")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--adapter", help="LoRA adapter directory on top of --model")
+    p.add_argument("--tasks", help="held-out prompts with answers: rows {prompt (or messages), answer, kind}")
+    p.add_argument("--data", help="text or chat file for perplexity (on the tokens training would train)")
+    p.add_argument("--pairs", help="preference pairs for the reward model's pairwise accuracy")
+    p.add_argument("--reward-model", help="reward model directory (stage rm): mean score of the answers")
+    p.add_argument("--reference", help="reference model directory: KL(model || reference) on the answers")
+    p.add_argument("--out", help="write the result as JSON to this file")
+    p.add_argument("--generations", help="write each prompt's answer and scores as JSONL to this file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-samples", type=int, help="evaluate only the first N task prompts")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
+                                     "default: the demo's task checker")
+    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")

@@ -12,7 +12,9 @@ call it. Each metric needs its own input and is None when that input is not give
   answer's tokens (stop token included, as RL counts it) and averaged over answers:
       kl = mean_i sum_t [log pi(y_it | x_i, y_i<t) - log pi_ref(y_it | x_i, y_i<t)]
   and `kl_per_token` = the same sum over all answers / all answer tokens. Both models score the same
-  tokens with the same teacher-forced forward, so a model against itself gives exactly 0;
+  tokens with the same teacher-forced forward, so a model against itself gives exactly 0. The answers are
+  greedy, not samples from pi, so this is the log-ratio on what the model says, not an unbiased KL
+  estimate: it can come out (slightly) negative;
 * data (raw text or chats): `perplexity` = exp(`eval_loss`), the token-weighted mean NLL over the tokens
   training would train on (`encode`: every text token for pt, assistant turns for chats).
 """

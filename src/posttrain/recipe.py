@@ -1,0 +1,550 @@
+"""`posttrain run RECIPE.yaml`: named steps run in order, each skipped when nothing it depends on changed.
+
+    out: runs/example                 # each step writes under OUT/<name>/ (default: runs/<recipe name>)
+    vars: {data: examples/data}       # ${vars.data} anywhere below
+    steps:
+      - name: sft                     # a train step: a `posttrain train` config, inline and/or from a file
+        kind: train
+        config: examples/sft.yaml     # optional; inline keys are merged into it, then `overrides` applied
+        overrides: {train.max_steps: 2}
+        model: out/pt
+      - name: candidates              # other kinds: init-model, generate, rank, pairs, score, eval
+        kind: generate
+        model: ${sft.output}          # an earlier step's output (a directory or a file)
+        prompts: ${vars.data}/sft_eval.jsonl
+
+A step is skipped when its lineage.json (written last, after the step finished) records the same resolved
+config, the same content hashes of every file or directory the config names (earlier outputs included) and
+an output that is still there unchanged. So an edit reruns that step and, through the content of its
+output, every step that reads it. `from_step` forces a rerun from that step on. Relative paths are relative
+to the working directory, as for `posttrain train`. The whole recipe (kinds, keys, references, every train
+config) is validated before the first step runs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+log = logging.getLogger("posttrain")
+
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+LINEAGE = "lineage.json"
+TOP_LEVEL = ("out", "vars", "steps")
+NOT_HASHED = {LINEAGE, "checkpoints"}  # training checkpoints are a means, not part of the result
+
+
+# ---------------------------------------------------------------- step kinds: their keys and what they run
+
+class _Keys(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InitModelStep(_Keys):
+    tokenizer_corpus: str | list[str]
+    arch: str = "qwen2"
+    size: str = "tiny"
+    vocab_size: int = 2048
+    seed: int = 0
+
+
+class GenerateStep(_Keys):
+    model: str
+    prompts: str
+    adapter: str | None = None
+    n: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = 0
+    stop: list[str] = []
+    batch_size: int = 8
+    chat_template: str | None = None
+
+
+class RankStep(_Keys):
+    input: str
+    rewards: list[dict]
+    skip_invalid: bool = False
+
+
+class PairsStep(_Keys):
+    input: str
+
+
+class ScoreStep(_Keys):
+    model: str
+    data: str
+    max_length: int = 1024
+    batch_size: int = 16
+
+
+class EvalStep(_Keys):
+    model: str
+    adapter: str | None = None
+    tasks: str | None = None
+    data: str | None = None
+    pairs: str | None = None
+    reward_model: str | None = None
+    reference: str | None = None
+    max_new_tokens: int = 64
+    n_samples: int | None = None
+    batch_size: int = 16
+    max_length: int = 1024
+    checker: str | None = None
+
+
+def _run_init_model(cfg: dict, out: Path) -> dict:
+    from .init_model import init_model, read_corpus
+
+    corpus = cfg["tokenizer_corpus"]
+    init_model(cfg["arch"], cfg["size"], read_corpus(corpus if isinstance(corpus, list) else [corpus]), out,
+               vocab_size=cfg["vocab_size"], seed=cfg["seed"])
+    return {"arch": cfg["arch"], "size": cfg["size"]}
+
+
+def _run_train(cfg: dict, out: Path) -> dict:
+    from .config import build_config
+    from .train import run_training
+
+    return run_training(build_config(cfg))
+
+
+def _run_generate(cfg: dict, out: Path) -> dict:
+    from .engine import SamplingParams
+    from .generate import generate_file
+
+    params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                            top_p=cfg["top_p"], top_k=cfg["top_k"], stop=cfg["stop"], seed=cfg["seed"], n=cfg["n"])
+    return generate_file(cfg["model"], cfg["prompts"], str(out), params, adapter=cfg["adapter"],
+                         batch_size=cfg["batch_size"], chat_template=cfg["chat_template"])
+
+
+def _run_rank(cfg: dict, out: Path) -> dict:
+    return rank_file(cfg["input"], str(out), cfg["rewards"], skip_invalid=cfg["skip_invalid"])
+
+
+PER_RESPONSE = ("finish_reasons", "logprobs")  # generate's per-response columns, reordered with the responses
+
+
+def _prompt_text(prompt) -> str:
+    """What a reward source sees as the prompt: the string, or the last user message of a message list."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]) if users else ""
+    return str(prompt)
+
+
+def rank_file(candidates: str, out: str, rewards: list[dict], skip_invalid: bool = False) -> dict:
+    """Order each row's responses best to worst by the reward sources (the stand-in for human rankers) and
+    write rankings rows {prompt, responses, ranks, scores, ...}: equal scores share a rank (a tie), the
+    format `posttrain data pairs` reads."""
+    from .data.sources import read_rows
+    from .errors import DataError
+    from .rl.rewards import build_sources, score
+
+    rows = read_rows(candidates)
+    for row in rows:
+        responses = row.data.get("responses")
+        if "prompt" not in row.data or not isinstance(responses, list) or len(responses) < 2:
+            raise DataError("a row to rank needs a prompt and a list of at least 2 responses "
+                            "(what `posttrain generate` writes with --n 2 or more)", location=row.location)
+    skip = {"prompt", "responses", "ranks", "scores", *PER_RESPONSE}
+    names = list(dict.fromkeys(k for row in rows for k in row.data if k not in skip))
+    flat = [(row, text) for row in rows for text in row.data["responses"]]
+    columns = {k: [row.data.get(k) for row, _ in flat] for k in names}
+    totals, metrics = score(build_sources(rewards), [_prompt_text(row.data["prompt"]) for row, _ in flat],
+                            [str(text) for _, text in flat], columns, skip_invalid=skip_invalid)
+    written, start, tied = [], 0, 0
+    for row in rows:
+        k = len(row.data["responses"])
+        scores, start = totals[start:start + k], start + k
+        order = sorted(range(k), key=lambda i: -scores[i])  # stable: equal scores keep their sampled order
+        ranks = [1]
+        for a, b in zip(order, order[1:]):
+            ranks.append(ranks[-1] + (scores[b] != scores[a]))
+        tied += ranks[-1] == 0
+        record = {"prompt": row.data["prompt"], "responses": [row.data["responses"][i] for i in order],
+                  "ranks": ranks, "scores": [scores[i] for i in order],
+                  **{key: v for key, v in row.data.items() if key not in skip}}
+        for key in PER_RESPONSE:
+            if isinstance(row.data.get(key), list) and len(row.data[key]) == k:
+                record[key] = [row.data[key][i] for i in order]
+        written.append(record)
+    path = Path(out)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written), encoding="utf-8")
+    partial.replace(path)
+    return {"rows": len(rows), "responses": len(flat), "all_tied": tied,
+            "mean_reward": sum(totals) / max(len(totals), 1), **metrics}
+
+
+def _run_pairs(cfg: dict, out: Path) -> dict:
+    from .data.preference import write_pairs
+
+    partial = out.with_name(f".{out.name}.partial")
+    counts = write_pairs(cfg["input"], partial)
+    partial.replace(out)
+    return counts
+
+
+def _run_score(cfg: dict, out: Path) -> dict:
+    from .score import score_file
+
+    return score_file(cfg["model"], cfg["data"], str(out), max_length=cfg["max_length"],
+                      batch_size=cfg["batch_size"])
+
+
+def _run_eval(cfg: dict, out: Path) -> dict:
+    from .evaluate import evaluate, write_result
+
+    result = evaluate(**cfg, generations_out=str(out.with_name("generations.jsonl")))
+    write_result(result, str(out))
+    return result
+
+
+@dataclass(frozen=True)
+class Kind:
+    keys: type[_Keys] | None  # None: a `posttrain train` config, validated by config.build_config
+    output: str | None  # the file the step writes in its directory; None: the directory is the output
+    run: Callable[[dict, Path], dict]
+
+
+KINDS = {
+    "init-model": Kind(InitModelStep, None, _run_init_model),
+    "train": Kind(None, None, _run_train),
+    "generate": Kind(GenerateStep, "candidates.jsonl", _run_generate),
+    "rank": Kind(RankStep, "rankings.jsonl", _run_rank),
+    "pairs": Kind(PairsStep, "pairs.jsonl", _run_pairs),
+    "score": Kind(ScoreStep, "scored.jsonl", _run_score),
+    "eval": Kind(EvalStep, "eval.json", _run_eval),
+}
+
+
+# ---------------------------------------------------------------- reading and resolving a recipe
+
+@dataclass
+class Step:
+    name: str
+    kind: str
+    config: dict  # resolved: references replaced, defaults filled in
+    dir: Path  # where lineage.json goes
+    output: Path  # what ${name.output} means
+    parents: list[str] = field(default_factory=list)  # earlier steps this one refers to
+
+
+def _suggest(word: str, choices, what: str) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f" ({what}: {', '.join(map(str, choices)) or 'none'})"
+
+
+def _load(recipe: str | Path | dict) -> tuple[dict, str]:
+    if isinstance(recipe, dict):
+        return copy.deepcopy(recipe), "recipe"
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'steps' (and optionally 'out', 'vars')")
+    return raw, path.stem
+
+
+def _substitute(value: Any, lookup: Callable[[str], Any]) -> Any:
+    """Replace every ${...} in the strings of a nested structure; a string that is one reference and
+    nothing else takes the value itself (so `n: ${vars.n}` stays a number)."""
+    if isinstance(value, str):
+        whole = REFERENCE.fullmatch(value)
+        if whole:
+            return lookup(whole.group(1).strip())
+        return REFERENCE.sub(lambda m: str(lookup(m.group(1).strip())), value)
+    if isinstance(value, list):
+        return [_substitute(v, lookup) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, lookup) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """extra's keys over base's, section by section."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _train_config(name: str, body: dict, out: Path) -> dict:
+    """A train step's config: the file (if any), inline keys merged in, then overrides; output_dir defaults
+    to the step's directory (an output_dir in the config file is replaced: the recipe owns the layout)."""
+    from .config import apply_overrides, build_config
+
+    raw: dict = {}
+    if "config" in body:
+        path = Path(str(body.pop("config")))
+        if not path.is_file():
+            raise ConfigError(f"step {name!r}: config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"step {name!r}: {path}: the top level must be a mapping of keys")
+        raw.pop("output_dir", None)
+    overrides = body.pop("overrides", None) or []
+    raw = _merge(raw, body)
+    raw.setdefault("output_dir", str(out))
+    if isinstance(overrides, dict):
+        overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    if not isinstance(overrides, list):
+        raise ConfigError(f"step {name!r}: 'overrides' must be a list of key=value or a mapping")
+    raw = apply_overrides(raw, [str(o) for o in overrides])
+    try:
+        config = build_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"step {name!r}: " + "; ".join(line.strip() for line in str(exc).splitlines()
+                                                         if line.strip() != "invalid config:")) from None
+    return config.model_dump(mode="json")
+
+
+def _keys_config(name: str, kind: str, body: dict) -> dict:
+    try:
+        return KINDS[kind].keys.model_validate(body).model_dump(mode="json")
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            valid = ["name", "kind", *KINDS[kind].keys.model_fields]
+            raise ConfigError(f"step {name!r}: unknown key {key!r} for a {kind} step"
+                              f"{_suggest(key, valid, 'valid keys')}") from None
+        if error["type"] == "missing":
+            raise ConfigError(f"step {name!r}: missing required key {key!r} for a {kind} step") from None
+        raise ConfigError(f"step {name!r}: {key!r}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+def resolve(recipe: str | Path | dict, out: str | Path | None = None) -> list[Step]:
+    """Read, substitute and validate every step (nothing runs); a problem is a one-line ConfigError."""
+    raw, default_name = _load(recipe)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"recipe: unknown key {key!r}{_suggest(key, TOP_LEVEL, 'valid keys')}")
+    root = Path(str(out or raw.get("out") or Path("runs") / default_name))
+    variables = raw.get("vars") or {}
+    steps_raw = raw.get("steps")
+    if not isinstance(variables, dict):
+        raise ConfigError("recipe: 'vars' must be a mapping of names to values")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise ConfigError("recipe: 'steps' must be a non-empty list of steps, each with a 'name' and a 'kind'")
+    names = [s.get("name") if isinstance(s, dict) else None for s in steps_raw]
+    for i, (step, name) in enumerate(zip(steps_raw, names)):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
+            raise ConfigError(f"recipe: steps[{i}] needs a 'name' (letters, digits, _ and -), got {name!r}")
+        if name in names[:i] or name == "vars":
+            raise ConfigError(f"recipe: step name {name!r} is used twice" if name != "vars"
+                              else "recipe: 'vars' cannot be a step name")
+    steps: list[Step] = []
+    for i, body in enumerate(steps_raw):
+        name, body = names[i], dict(body)
+        body.pop("name")
+        kind = body.pop("kind", "train" if "stage" in body or "config" in body else None)
+        if kind not in KINDS:
+            hint = _suggest(str(kind), KINDS, "kinds") if kind else f" (kinds: {', '.join(KINDS)})"
+            raise ConfigError(f"step {name!r}: {'unknown kind ' + repr(kind) if kind else 'missing kind'}{hint}")
+        step_dir = root / name
+        parents: list[str] = []
+
+        def lookup(ref: str, name=name, i=i, parents=parents) -> Any:
+            head, _, attr = ref.partition(".")
+            if head == "vars":
+                if attr not in variables:
+                    raise ConfigError(f"step {name!r}: unknown variable ${{{ref}}}"
+                                      f"{_suggest(attr, variables, 'vars')}")
+                return variables[attr]
+            if head == name:
+                raise ConfigError(f"step {name!r} refers to its own output ${{{ref}}} (a cycle)")
+            if head in names[i + 1:]:
+                raise ConfigError(f"step {name!r} refers to ${{{ref}}}, but step {head!r} runs later (a forward "
+                                  f"reference or a cycle; steps run in the order written)")
+            done = {s.name: s for s in steps}
+            if head not in done:
+                raise ConfigError(f"step {name!r}: unknown reference ${{{ref}}}"
+                                  f"{_suggest(head, [*done, 'vars'], 'earlier steps')}")
+            if attr != "output":
+                raise ConfigError(f"step {name!r}: ${{{ref}}}: a step has only '.output'"
+                                  + (f"; did you mean ${{{head}.output}}?" if attr else ""))
+            parents.append(head)
+            return str(done[head].output)
+
+        body = _substitute(body, lookup)
+        if KINDS[kind].keys is None:
+            config = _train_config(name, body, step_dir)
+            output = Path(config["output_dir"])
+            step_dir = output
+        else:
+            config = _keys_config(name, kind, body)
+            output = step_dir / KINDS[kind].output if KINDS[kind].output else step_dir
+        steps.append(Step(name, kind, config, step_dir, output, list(dict.fromkeys(parents))))
+    return steps
+
+
+# ---------------------------------------------------------------- content hashes and lineage
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()
+                  and not any(part in NOT_HASHED or part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def signature(path: Path) -> str:
+    """A cheap fingerprint from names, sizes and modification times (to avoid re-hashing big outputs)."""
+    digest = hashlib.sha256()
+    for f in _files(path):
+        stat = f.stat()
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over every file's relative name and bytes (a directory: all files, sorted)."""
+    digest = hashlib.sha256()
+    for f in _files(path):
+        digest.update(f"{f.relative_to(path) if path.is_dir() else ''}\0".encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _paths_in(value: Any) -> list[str]:
+    """Every string in a config that names an existing file or directory (also 'file.py:function')."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths_in(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _paths_in(v)]
+    if isinstance(value, str) and value and "\n" not in value:
+        candidate = value.rpartition(":")[0] if ":" in value and not Path(value).exists() else value
+        if candidate and Path(candidate).exists():
+            return [candidate]
+    return []
+
+
+def read_lineage(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / LINEAGE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Hasher:
+    """Content hashes, reusing what a completed step recorded for its output while its fingerprint holds."""
+
+    def __init__(self):
+        self.known: dict[str, tuple[str, str]] = {}  # path -> (signature, hash)
+
+    def remember(self, path: Path, sig: str, digest: str) -> None:
+        self.known[str(path)] = (sig, digest)
+
+    def __call__(self, path: Path) -> str:
+        sig = signature(path)
+        cached = self.known.get(str(path))
+        if cached and cached[0] == sig:
+            return cached[1]
+        digest = content_hash(path)
+        self.known[str(path)] = (sig, digest)
+        return digest
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _inputs(step: Step, hasher: Hasher) -> dict[str, str]:
+    own = {str(step.output), str(step.dir)}
+    return {p: hasher(Path(p)) for p in dict.fromkeys(_paths_in(step.config)) if p not in own}
+
+
+def _unchanged(step: Step, inputs: dict, hasher: Hasher) -> dict | None:
+    """The completed lineage when the step can be skipped, else None."""
+    lineage = read_lineage(step.dir)
+    if not lineage or lineage.get("config_hash") != _config_hash(step.config) or lineage.get("inputs") != inputs:
+        return None
+    if not step.output.exists():
+        return None
+    hasher.remember(step.output, lineage.get("output_signature", ""), lineage.get("output_hash", ""))
+    return lineage if hasher(step.output) == lineage.get("output_hash") else None
+
+
+def _summary(lineage: dict) -> dict:
+    """What a child records about a parent: everything but the parent's result, recursively."""
+    return {k: v for k, v in lineage.items() if k not in ("result",)}
+
+
+# ---------------------------------------------------------------- running
+
+def run_recipe(recipe: str | Path | dict, from_step: str | None = None, out: str | Path | None = None) -> dict:
+    """Run the recipe's steps in order; returns {step name: {"kind", "output", "skipped", "result",
+    "lineage"}} where result is what the step returned (a training summary, counts, eval metrics)."""
+    from . import __version__
+
+    steps = resolve(recipe, out)
+    names = [s.name for s in steps]
+    if from_step is not None and from_step not in names:
+        raise ConfigError(f"--from: no step {from_step!r}{_suggest(from_step, names, 'steps')}")
+    forced = set(names[names.index(from_step):]) if from_step else set()
+    hasher, results, lineages = Hasher(), {}, {}
+    for step in steps:
+        inputs = _inputs(step, hasher)
+        lineage = None if step.name in forced else _unchanged(step, inputs, hasher)
+        skipped = lineage is not None
+        if skipped:
+            log.info("== %s (%s): unchanged, skipped -> %s", step.name, step.kind, step.output)
+        else:
+            log.info("== %s (%s): running -> %s", step.name, step.kind, step.output)
+            lineage = _run_step(step, inputs, hasher, lineages, __version__)
+        lineages[step.name] = lineage
+        results[step.name] = {"kind": step.kind, "output": str(step.output), "skipped": skipped,
+                              "result": lineage.get("result"), "lineage": str(step.dir / LINEAGE)}
+    ran = [n for n, r in results.items() if not r["skipped"]]
+    log.info("recipe done: %d steps ran (%s), %d skipped", len(ran), ", ".join(ran) or "none", len(steps) - len(ran))
+    return results
+
+
+def _run_step(step: Step, inputs: dict, hasher: Hasher, lineages: dict, version: str) -> dict:
+    (step.dir / LINEAGE).unlink(missing_ok=True)  # from here on the old output no longer counts as complete
+    step.dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = KINDS[step.kind].run(copy.deepcopy(step.config), step.output)
+    sig = signature(step.output)
+    digest = content_hash(step.output)
+    hasher.remember(step.output, sig, digest)
+    lineage = {"step": step.name, "kind": step.kind, "config": step.config, "config_hash": _config_hash(step.config),
+               "inputs": inputs, "output": str(step.output), "output_hash": digest, "output_signature": sig,
+               "parents": {p: _summary(lineages[p]) for p in step.parents},
+               "result": result, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+               "runtime_s": round(time.time() - started, 2), "posttrain_version": version}
+    text = json.dumps(lineage, indent=2, default=str) + "\n"
+    partial = step.dir / f".{LINEAGE}.partial"
+    partial.write_text(text)
+    partial.replace(step.dir / LINEAGE)  # written last: only now is the step complete
+    return json.loads(text)  # the same thing a later, skipping run reads back
+
+
+def format_results(results: dict) -> str:
+    width = max(len(name) for name in results)
+    return "\n".join(f"  {name:<{width}}  {r['kind']:<10} {'skipped' if r['skipped'] else 'ran    '}  {r['output']}"
+                     for name, r in results.items())
