@@ -1,0 +1,64 @@
+"""`posttrain serve`: an OpenAI-compatible HTTP server over the generation engine.
+
+protocol.py holds the request bodies, batcher.py the worker thread that owns the model and batches requests,
+responses.py the response shapes, app.py the routes. LoRA adapters are served vLLM's way: one peft model holds
+every adapter under its served name, a batch runs under one of them (or with adapters disabled for the base).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("posttrain")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_loras(values: list[str]) -> dict[str, str]:
+    """`NAME=DIR` pairs; each DIR must be a LoRA adapter directory."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--lora {value}: expected NAME=DIR")
+        if name in adapters:
+            raise ConfigError(f"--lora {value}: the name {name} is given twice")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ConfigError(f"--lora {value}: {path} is not a LoRA adapter directory (no adapter_config.json)")
+        adapters[name] = path
+    return adapters
+
+
+def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", chat_template: str | None = None):
+    from ..engine import Engine
+    from ..modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, chat_template=chat_template)
+    network = load_model(model, tokenizer=tokenizer, dtype=DTYPES[dtype])
+    if adapters:
+        from peft import PeftModel
+
+        (first, first_dir), *rest = adapters.items()
+        network = PeftModel.from_pretrained(network, first_dir, adapter_name=first)
+        for name, path in rest:
+            network.load_adapter(path, adapter_name=name)
+    return Engine(network.eval(), tokenizer)
+
+
+def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          chat_template: str | None = None, dtype: str = "float32") -> None:
+    import uvicorn
+
+    from .app import Server, create_app
+
+    adapters = parse_loras(loras)
+    if model in adapters:
+        raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
+    server = Server(load_engine(model, adapters, dtype, chat_template), model, adapters, api_key=api_key)
+    names = ", ".join(server.names())
+    log.info(f"serving {names} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)
