@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,6 +475,12 @@ def _config_hash(config: dict) -> str:
 
 
 def _inputs(step: Step, hasher: Hasher) -> dict[str, str]:
+    """{path: content hash} of every file or directory the step's config names (not its own output). A big
+    input (a base model) is re-hashed only when its fingerprint differs from the one the last run recorded."""
+    previous = read_lineage(step.dir) or {}
+    for path, sig in (previous.get("input_signatures") or {}).items():
+        if path in previous.get("inputs", {}) and path not in hasher.known:
+            hasher.remember(Path(path), sig, previous["inputs"][path])
     own = {str(step.output), str(step.dir)}
     return {p: hasher(Path(p)) for p in dict.fromkeys(_paths_in(step.config)) if p not in own}
 
@@ -527,13 +534,15 @@ def run_recipe(recipe: str | Path | dict, from_step: str | None = None, out: str
 def _run_step(step: Step, inputs: dict, hasher: Hasher, lineages: dict, version: str) -> dict:
     (step.dir / LINEAGE).unlink(missing_ok=True)  # from here on the old output no longer counts as complete
     step.dir.mkdir(parents=True, exist_ok=True)
+    pending = _drop_stale_checkpoints(step, inputs)
     started = time.time()
     result = KINDS[step.kind].run(copy.deepcopy(step.config), step.output)
     sig = signature(step.output)
     digest = content_hash(step.output)
     hasher.remember(step.output, sig, digest)
     lineage = {"step": step.name, "kind": step.kind, "config": step.config, "config_hash": _config_hash(step.config),
-               "inputs": inputs, "output": str(step.output), "output_hash": digest, "output_signature": sig,
+               "inputs": inputs, "input_signatures": {p: hasher.known[p][0] for p in inputs if p in hasher.known},
+               "output": str(step.output), "output_hash": digest, "output_signature": sig,
                "parents": {p: _summary(lineages[p]) for p in step.parents},
                "result": result, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                "runtime_s": round(time.time() - started, 2), "posttrain_version": version}
@@ -541,7 +550,23 @@ def _run_step(step: Step, inputs: dict, hasher: Hasher, lineages: dict, version:
     partial = step.dir / f".{LINEAGE}.partial"
     partial.write_text(text)
     partial.replace(step.dir / LINEAGE)  # written last: only now is the step complete
+    pending.unlink(missing_ok=True)
     return json.loads(text)  # the same thing a later, skipping run reads back
+
+
+def _drop_stale_checkpoints(step: Step, inputs: dict) -> Path:
+    """A train step that crashed may resume (`resume: auto`) from its checkpoints when it reruns with the same
+    config and inputs; any other checkpoints (a finished run, another config) are removed, never resumed.
+    Returns the marker of the attempt, removed when the step completes."""
+    pending = step.dir / ".recipe-pending"
+    current = _config_hash({"config": step.config, "inputs": inputs})
+    if step.kind == "train" and (step.dir / "checkpoints").is_dir():
+        previous = pending.read_text().strip() if pending.is_file() else None
+        if previous != current:
+            log.info("%s: removing checkpoints of an earlier run", step.name)
+            shutil.rmtree(step.dir / "checkpoints")
+    pending.write_text(current + "\n")
+    return pending
 
 
 def format_results(results: dict) -> str:
