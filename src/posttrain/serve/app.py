@@ -28,8 +28,7 @@ log = logging.getLogger("posttrain")
 class Server:
     """What the routes need: the engine (shared with the batcher), the served names and the limits."""
 
-    def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None,
-                 batch_window_s: float = 0.005):
+    def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.base_name = base_name
@@ -39,7 +38,7 @@ class Server:
         self.context_length = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                                or 2048)
         self.vocab_size = config.vocab_size
-        self.batcher = Batcher(engine, base_name, list(adapters), window_s=batch_window_s)
+        self.batcher = Batcher(engine, base_name, list(adapters))
 
     # ------------------------------------------------------------------ checks shared by the routes
 

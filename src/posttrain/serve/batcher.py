@@ -1,11 +1,12 @@
 """Dynamic batching: one worker thread owns the model and decodes requests that arrive together as one batch.
 
 Handlers (on the asyncio loop) put a Job on a queue and read its events from an asyncio.Queue. The worker takes
-the first waiting job, waits `window_s` for others to arrive, and decodes together every waiting job that is
-compatible with it: the same served model (base or LoRA adapter: a batch runs under one adapter) and the same
-sampling settings. A job's own `max_new_tokens` may be smaller than its batch's: its rows are ended ("length")
-when they reach it. A job with a seed is decoded alone, so that the same seed gives the same answer whatever
-else is being served. Greedy jobs ignore seed, top_p and top_k, so they all batch together.
+the first waiting job, lets others arrive (it waits `window_s` after the latest arrival, `max_wait_s` at most),
+and decodes together every waiting job compatible with the first: the same served model (base or LoRA adapter:
+a batch runs under one adapter) and the same sampling settings. A job's own `max_new_tokens` may be smaller
+than its batch's: its rows are ended ("length") when they reach it. A job with a seed is decoded alone, so that
+the same seed gives the same answer whatever else is being served. Greedy jobs ignore seed, top_p and top_k,
+so they all batch together. A batch does not take new rows once started (no continuous batching).
 
 Events sent to a job: ("delta", choice, text) for streamed jobs; ("done", completions, prompt_logprobs); or
 ("error", exception). A job whose client went away is marked cancelled; its rows are ended at the next step.
@@ -50,12 +51,13 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, base_name: str, adapters: list[str], *, window_s: float = 0.005,
-                 max_rows: int = 64):
+    def __init__(self, engine: Engine, base_name: str, adapters: list[str], *, window_s: float = 0.01,
+                 max_wait_s: float = 0.05, max_rows: int = 64):
         self.engine = engine
         self.base_name = base_name
         self.adapters = adapters
         self.window_s = window_s
+        self.max_wait_s = max_wait_s
         self.max_rows = max_rows
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.stats = {"running_rows": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
@@ -84,21 +86,30 @@ class Batcher:
                 if job is None:
                     return
                 pending.append(job)
-                time.sleep(self.window_s)  # let requests sent at the same time join this batch
-            while True:
-                try:
-                    job = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                pending.append(job)
+            if not self._collect(pending):
+                return
             batch = self._take_batch(pending)
             try:
                 self._run(batch)
             except Exception as exc:  # noqa: BLE001 - any failure goes back to the waiting requests
                 for job in batch:
                     job.send("error", exc)
+
+    def _collect(self, pending: deque[Job]) -> bool:
+        """Let requests sent at about the same time join: wait while they keep arriving, `window_s` after the
+        latest one, at most `max_wait_s` in all. False when the server is stopping."""
+        start = last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            timeout = min(last + self.window_s, start + self.max_wait_s) - now
+            try:
+                job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            pending.append(job)
+            last = time.monotonic()
 
     def _take_batch(self, pending: deque[Job]) -> list[Job]:
         key = pending[0].key()
