@@ -91,22 +91,6 @@ def _chat(args) -> None:
     run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template)
 
 
-def _serve(args) -> None:
-    from .serve import serve
-
-    serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
-          chat_template=args.chat_template, dtype=args.dtype)
-
-
-def _chat(args) -> None:
-    from .chat import run_chat
-    from .engine import SamplingParams
-
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
-    run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template)
-
-
 def _init_model(args) -> None:
     from .init_model import init_model, read_corpus
 
@@ -191,27 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     p.set_defaults(func=_generate)
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
-    p.add_argument("--model", required=True, help="model directory or hub id (also its served name)")
-    p.add_argument("--lora", action="append", metavar="NAME=DIR", help="serve a LoRA adapter as model NAME")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("chat", help="a multi-turn chat in the terminal, streamed (/reset, /exit)")
-    p.add_argument("--model", required=True, help="model directory or hub id")
-    p.add_argument("--adapter", help="LoRA adapter directory on top of --model")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
-    p.set_defaults(func=_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
     p.add_argument("--model", required=True, help="model directory or hub id (also its served name)")
