@@ -45,7 +45,9 @@ class DataConfig(Section):
                           "dataset names from it (file_name, formatting, columns and tags are honoured).")
     max_prompt_length: int | None = Field(
         None, ge=1, description="rm/dpo/kto: when prompt + response exceed `max_length`, keep only the last "
-                                "this-many prompt tokens (default max_length // 2), then cut responses to fit.")
+                                "this-many prompt tokens (default max_length // 2), then cut responses to fit. "
+                                "ppo/grpo: prompts longer than this keep their last this-many tokens (counted; "
+                                "default max_length - generation.max_new_tokens).")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated "
                                                     "(counted and reported). For `pt`, long texts are split into "
                                                     "chunks of this length instead.")
@@ -158,11 +160,82 @@ class KTOConfig(ReferenceConfig):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples (lambda_U).")
 
 
+class GenerationConfig(Section):
+    """Sampling of the online stages' rollouts (ppo, grpo); evaluation decodes greedily."""
+
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens sampled per response; a response cut here "
+                                                      "has no end-of-turn token (see `ppo.missing_eos_penalty`).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the update scores tokens under "
+                                                      "logits / temperature too.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (end-of-turn and EOS always stop).")
+    batch_size: int | None = Field(None, ge=1, description="Prompts decoded together (each with all its samples); "
+                                                           "default: every prompt of the step at once.")
+
+
+class RLConfig(Section):
+    reference: Literal["auto", "adapter", "copy"] = Field(
+        "auto", description="The KL reference: `adapter` = the base with the LoRA adapter disabled (no copy), "
+                            "`copy` = a frozen copy of the starting model. `auto`: adapter with LoRA, else copy.")
+    epochs: int = Field(1, ge=1, description="Passes over each rollout batch (old log-probs are computed once "
+                                             "per rollout).")
+    mini_batches: int = Field(1, ge=1, description="Optimizer updates per pass: the rollout batch is cut into "
+                                                   "this many shuffled mini-batches.")
+    clip: float = Field(0.2, gt=0, description="Policy ratio clip epsilon (lower side, and upper unless "
+                                               "`clip_high`).")
+    clip_high: float | None = Field(None, gt=0, description="Upper clip epsilon (asymmetric clipping, e.g. "
+                                                             "0.28 as in DAPO); default: `clip`.")
+    skip_invalid_rewards: bool = Field(False, description="A reward source that fails or returns None for a "
+                                                          "completion scores it 0 (counted in `reward/skipped`) "
+                                                          "instead of stopping.")
+
+
+class PPOConfig(RLConfig):
+    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch.")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty -beta * (log pi - log "
+                                                   "pi_ref) in the reward (start value when adaptive).")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards `target_kl` (Ziegler et al.).")
+    target_kl: float = Field(6.0, gt=0, description="Adaptive controller: target KL per response (nats).")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive controller horizon.")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    value_clip: float | None = Field(0.2, gt=0, description="Value clip range around the rollout's values "
+                                                            "(null: no clipping).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    value_model: str = Field(
+        "auto", description="The critic: `head` = a value head on the policy's hidden states (shares the body), "
+                            "`reward` = a separate value model initialised from the reward model in `rewards`, "
+                            "or a directory to initialise a separate value model from (a reward model or a "
+                            "causal LM). `auto`: `reward` when `rewards` has a model source, else `head`.")
+    missing_eos_penalty: float | None = Field(-1.0, description="Added to the score of a response that ends "
+                                                                "without an end-of-turn token (null: none).")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE.")
+
+
+class GRPOConfig(RLConfig):
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group).")
+    baseline: Literal["grpo", "rloo", "reinforce++"] = Field(
+        "grpo", description="grpo: r - group mean (scaled per `scale`); rloo: r - mean of the other completions; "
+                            "reinforce++: r - group mean, whitened over the batch.")
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo baseline: divide by the group's reward std, the batch's, or not at all.")
+    loss: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="Average the per-token loss over all tokens of the update (DAPO) or first "
+                                  "within each completion (original GRPO).")
+    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL penalty to the reference in the loss.")
+    track_kl: bool = Field(True, description="Measure the KL to the reference every step even when kl_coef is "
+                                             "0 (one extra no-grad forward per rollout).")
+    missing_eos_penalty: float | None = Field(None, description="Added to the reward of a completion that ends "
+                                                                "without an end-of-turn token (null: none).")
+
+
 class Config(Section):
-    stage: Literal["pt", "sft", "classify", "rm", "dpo", "kto"] = Field(
+    stage: Literal["pt", "sft", "classify", "rm", "dpo", "kto", "ppo", "grpo"] = Field(
         description="What to train: `pt` continued pretraining on raw text, `sft` supervised fine-tuning, "
                     "`classify` text classification, `rm` a reward model from preference pairs, `dpo` the DPO "
-                    "family on preference pairs, `kto` KTO on unpaired desirable/undesirable examples.")
+                    "family on preference pairs, `kto` KTO on unpaired desirable/undesirable examples, `ppo` "
+                    "RLHF with PPO and `grpo` GRPO/RLOO/REINFORCE++ on prompts scored by `rewards`.")
     model: str = Field(description="Model directory or hub id (AutoModelForCausalLM, or "
                                    "AutoModelForSequenceClassification for classify).")
     output_dir: str = Field(description="Where the result lands: the model or adapter itself, with "
@@ -181,6 +254,13 @@ class Config(Section):
     rm: RewardConfig = Field(default_factory=RewardConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     kto: KTOConfig = Field(default_factory=KTOConfig)
+    rewards: list[dict[str, Any]] = Field(
+        default_factory=list, description="ppo/grpo: reward sources, summed with weights: `{builtin: "
+                                          "answer_match, column: answer}`, `{function: \"file.py:fn\"}`, "
+                                          "`{model: DIR}`, `{http: URL}`, each with optional `weight`, `name`.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -202,6 +282,13 @@ class Config(Section):
                 and reference != "precompute"):
             raise ValueError("dpo.prefix_sharing needs dpo.reference: precompute (or a reference-free loss: "
                              "simpo, orpo)")
+        if self.stage in ("ppo", "grpo"):
+            if not self.rewards:
+                raise ValueError(f"stage {self.stage} needs `rewards:` (a list of reward sources)")
+            if getattr(self, self.stage).reference == "adapter" and self.adapter.type != "lora":
+                raise ValueError(f"{self.stage}.reference: adapter needs adapter.type: lora (use copy otherwise)")
+        elif self.rewards:
+            raise ValueError(f"`rewards:` is for stages ppo and grpo, not {self.stage}")
         return self
 
     @property
@@ -328,7 +415,7 @@ def reference_markdown() -> str:
 
     lines += ["## Top level", ""]
     table(Config, "")
-    for name in ("data", "train", "adapter", "freeze", "rm", "dpo", "kto"):
+    for name in ("data", "train", "adapter", "freeze", "rm", "dpo", "kto", "generation", "ppo", "grpo"):
         lines += [f"## `{name}`", ""]
         table(Config.model_fields[name].annotation, f"{name}.")
     lines += ["## Data source entries (`data.train` / `data.eval` items)", ""]

@@ -239,3 +239,126 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl: Ten
     desirable_loss = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
     undesirable_loss = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
     return torch.where(desirable.bool(), desirable_loss, undesirable_loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online RL (ppo, grpo): KL estimators, GAE, advantages, clipped policy and value losses.
+#
+# Per-token tensors are padded [B, T] with a `mask` of the response tokens (1) and padding (0); a row's
+# response starts at column 0. Log-probs are log pi(token) under logits / sampling temperature.
+
+def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k1 = log pi(a) - log pi_ref(a): unbiased for KL(pi || pi_ref) under samples from pi, can be negative."""
+    return logps - ref_logps
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k3 = exp(r) - r - 1 with r = log pi_ref(a) - log pi(a): unbiased, never negative (Schulman's k3)."""
+    r = ref_logps - logps
+    return torch.exp(r) - r - 1
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); shift_mean=False keeps the mean."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation per row, over the response tokens (masked entries are 0).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t  (V after the last response token is 0)
+    A_t = delta_t + gamma * lam * A_{t+1};   returns R_t = A_t + V_t
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    width = rewards.shape[1]
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, clip_low: float = 0.2,
+                    clip_high: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped surrogate per token: max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)),
+    ratio = exp(logp - old_logp). Also returns whether the clipped term was the larger one (clip
+    fraction) and the approximate KL to the sampling policy, 0.5 * (logp - old_logp)^2, per token."""
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    return loss, (clipped > unclipped).float().detach(), (0.5 * log_ratio.detach() ** 2)
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = 0.2) -> Tensor:
+    """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)."""
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum(unclipped, (clipped_values - returns) ** 2)
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al.'s controller: e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
+def group_advantages(rewards: Tensor, group_size: int, baseline: str = "grpo", scale: str = "group",
+                     eps: float = 1e-4) -> Tensor:
+    """One advantage per completion; `rewards` holds groups of `group_size` completions of one prompt each.
+
+    grpo:        A = r - mean(group), divided by std(group) (scale 'group'), by std(batch) ('batch'), or
+                 not at all ('none'); std is the unbiased one, plus eps.
+    rloo:        A = r - mean(other completions of the group) = G / (G - 1) * (r - mean(group)).
+    reinforce++: A = r - mean(group), then whitened over the whole batch (REINFORCE++ with a baseline).
+    """
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if baseline == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 completions per prompt")
+        return (centred * group_size / (group_size - 1)).reshape(-1)
+    if baseline == "reinforce++":
+        flat = centred.reshape(-1)
+        return (flat - flat.mean()) / (flat.std() + eps) if flat.numel() > 1 else flat
+    if baseline != "grpo":
+        raise ValueError(f"unknown baseline {baseline!r}")
+    if scale == "group":
+        std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups)
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps if rewards.numel() > 1 else 1.0)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}")
+    return centred.reshape(-1)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, how: str = "token_mean") -> tuple[Tensor, float]:
+    """A summed loss and what it is to be divided by across the whole update: token_mean sums over every
+    response token (divide by the tokens of the update: DAPO), sequence_mean sums each row's token mean
+    (divide by the rows: GRPO's original form)."""
+    if how == "token_mean":
+        return (per_token * mask).sum(), float(mask.sum())
+    if how == "sequence_mean":
+        return masked_mean(per_token, mask, dim=1).sum(), float(mask.shape[0])
+    raise ValueError(f"unknown loss aggregation {how!r}")

@@ -11,8 +11,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+ONLINE_KEYS = ("reward", "score", "kl", "beta", "entropy", "response_length", "clip_fraction", "value_loss",
+               "explained_variance")
+
+
 def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
-    """loss.png (train loss, with eval loss when present) and one PNG per other eval metric."""
+    """loss.png (train loss, with eval loss when present), one PNG per other eval metric, and for the
+    online stages the reward, KL and the other curves of ONLINE_KEYS."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +49,8 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
 
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval_") and k not in ("eval_loss",
                                                                                         "eval_tokens")})
-    for key in eval_keys + ["lr"]:
+    online = [k for k in ONLINE_KEYS if any(k in r for r in rows)]  # ppo / grpo curves
+    for key in online + eval_keys + ["lr"]:
         steps, values = series(key)
         if len(steps) < 1:
             continue
@@ -54,7 +60,8 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / f"{key}.png", dpi=100)
+        name = key.replace("/", "_")
+        fig.savefig(out_dir / f"{name}.png", dpi=100)
         plt.close(fig)
-        written.append(out_dir / f"{key}.png")
+        written.append(out_dir / f"{name}.png")
     return written

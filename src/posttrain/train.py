@@ -37,10 +37,11 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
     data = config.data
     common = dict(kind=stage.kind, dataset_info=data.dataset_info, skip_invalid=data.skip_invalid,
                   text_split=data.text_split)
-    train_examples, train_report = load_examples(data.train, max_samples=data.max_samples, **common)
+    load = stage.load or load_examples
+    train_examples, train_report = load(data.train, max_samples=data.max_samples, **common)
     eval_examples, eval_report = [], None
     if data.eval:
-        eval_examples, eval_report = load_examples(data.eval, **common)
+        eval_examples, eval_report = load(data.eval, **common)
     labels = None
     if stage.task == "classify":  # from all rows, before a held-out split can take a rare label away
         labels = data.labels or sorted({e.label for e in train_examples})
@@ -140,6 +141,8 @@ def run_training(config: Config) -> dict:
                               project_dir=str(out_dir), kwargs_handlers=ddp)
     set_seed(config.train.seed)
     model = build_model(config, stage, tokenizer, data["labels"])
+    if stage.wrap is not None:  # e.g. ppo: the policy and its critic, trained together
+        model = stage.wrap(config, model, tokenizer)
     trainable, total = count_parameters(model)
     log.info("model %s: %s, %.2fM of %.2fM parameters trainable", config.model, config.method,
              trainable / 1e6, total / 1e6)
@@ -168,7 +171,8 @@ def run_training(config: Config) -> dict:
         result.update(stage.finish(trainer, ctx))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_output(accelerator.unwrap_model(trainer.model), tokenizer, config, stage, out_dir)
+        trained = accelerator.unwrap_model(trainer.model)
+        save_output(stage.unwrap(trained) if stage.unwrap else trained, tokenizer, config, stage, out_dir)
         plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots")
         summary = {"stage": stage.name, "model": config.model, "method": config.method,
                    "trainable_parameters": trainable, "total_parameters": total, **result,

@@ -10,7 +10,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +38,7 @@ class LoopState:
     best_step: int | None = None
     tokens_seen: int = 0
     runtime_s: float = 0.0    # training time over all runs, resumed ones included
+    stage_state: dict = field(default_factory=dict)  # e.g. ppo's adaptive KL coefficient
 
 
 class Trainer:
@@ -158,6 +159,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.eval_units:
             return {}
+        if self.stage.step is not None:
+            self.model.eval()
+            metrics = self.stage.evaluate(self, self.eval_units, self.ctx)
+            self.model.train()
+            return metrics
         order = sorted(range(len(self.eval_units)), key=lambda i: self.unit_length(self.eval_units[i]))
         size = self.train_cfg.batch_size
         batches = (self._to_device(self.collate([self.eval_units[i] for i in order[s:s + size]]))
@@ -208,7 +214,11 @@ class Trainer:
         while self.state.step < self.total_steps and not self.state.stopped_early:
             steps = self._epoch_steps(self.state.epoch)
             step_started = time.time()
-            result = self._train_step(steps[self.state.batch_in_epoch])
+            if self.stage.step is not None:  # online stages: rollout + updates on this step's prompts
+                units = [self.units[i] for b in steps[self.state.batch_in_epoch] for i in b]
+                result = self.stage.step(self, units, self.ctx)
+            else:
+                result = self._train_step(steps[self.state.batch_in_epoch])
             window["seconds"] += time.time() - step_started
             window["loss"] += result["loss"]
             window["steps"] += 1

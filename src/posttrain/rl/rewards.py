@@ -274,7 +274,11 @@ def build_sources(specs: list[dict]) -> list[RewardSource]:
 
 # --------------------------------------------------------------------------- scoring
 
-def _check(source: RewardSource, values, n: int, offset: int = 0) -> list[float | None]:
+def _item(names: list[str] | None, i: int) -> str:
+    return names[i] if names else f"prompt {i}"
+
+
+def _check(source: RewardSource, values, n: int, offset: int = 0, names: list[str] | None = None) -> list[float | None]:
     """The values as floats (None kept), or a DataError naming the source and the prompt index."""
     where = f"reward '{source.name}'"
     if not isinstance(values, (list, tuple)):
@@ -285,18 +289,19 @@ def _check(source: RewardSource, values, n: int, offset: int = 0) -> list[float 
     checked: list[float | None] = []
     for i, value in enumerate(values):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise DataError(f"prompt {offset + i}: returned {value!r}, not a number", where)
+            raise DataError(f"{_item(names, offset + i)}: returned {value!r}, not a number", where)
         if value is not None and not math.isfinite(float(value)):
-            raise DataError(f"prompt {offset + i}: returned {value}, rewards must be finite", where)
+            raise DataError(f"{_item(names, offset + i)}: returned {value}, rewards must be finite", where)
         checked.append(None if value is None else float(value))
     return checked
 
 
-def _call(source: RewardSource, prompts, completions, columns, skip_invalid: bool) -> list[float | None]:
+def _call(source: RewardSource, prompts, completions, columns, skip_invalid: bool,
+          names: list[str] | None = None) -> list[float | None]:
     """Call on the whole batch; if the function raises, call it prompt by prompt to find the index (and,
     with skip_invalid, to keep the other prompts' rewards)."""
     try:
-        return _check(source, source.fn(prompts, completions, **columns), len(prompts))
+        return _check(source, source.fn(prompts, completions, **columns), len(prompts), names=names)
     except PosttrainError:
         raise
     except Exception:  # noqa: BLE001 - user code; located below
@@ -305,30 +310,31 @@ def _call(source: RewardSource, prompts, completions, columns, skip_invalid: boo
     for i in range(len(prompts)):
         one = {k: v[i:i + 1] for k, v in columns.items()}
         try:
-            values += _check(source, source.fn(prompts[i:i + 1], completions[i:i + 1], **one), 1, i)
+            values += _check(source, source.fn(prompts[i:i + 1], completions[i:i + 1], **one), 1, i, names)
         except PosttrainError:
             raise
         except Exception as exc:  # noqa: BLE001
             if not skip_invalid:
-                raise DataError(f"prompt {i}: raised {type(exc).__name__}: {exc}",
+                raise DataError(f"{_item(names, i)}: raised {type(exc).__name__}: {exc}",
                                 f"reward '{source.name}'") from exc
             values.append(None)
     return values
 
 
 def score(sources: list[RewardSource], prompts: list[str], completions: list[str], columns: dict[str, list],
-          *, skip_invalid: bool = False) -> tuple[list[float], dict]:
+          *, skip_invalid: bool = False, names: list[str] | None = None) -> tuple[list[float], dict]:
     """Weighted sum of the sources' rewards per completion, and metrics: `reward/<name>` (mean of the
-    source's valid values) and, with skip_invalid, `reward/skipped` (values that were None or raised)."""
+    source's valid values) and, with skip_invalid, `reward/skipped` (values that were None or raised).
+    `names` says how errors name each completion (default "prompt <index>")."""
     n = len(completions)
     if len(prompts) != n or any(len(v) != n for v in columns.values()):
         raise ValueError("prompts, completions and every column must have the same length")
     totals, metrics, skipped = [0.0] * n, {}, 0
     for source in sources:
-        values = _call(source, prompts, completions, columns, skip_invalid)
+        values = _call(source, prompts, completions, columns, skip_invalid, names)
         missing = [i for i, v in enumerate(values) if v is None]
         if missing and not skip_invalid:
-            raise DataError(f"prompt {missing[0]}: returned None (no reward); set skip_invalid to count "
+            raise DataError(f"{_item(names, missing[0])}: returned None (no reward); set skip_invalid to count "
                             f"these as 0", f"reward '{source.name}'")
         skipped += len(missing)
         valid = [v for v in values if v is not None]

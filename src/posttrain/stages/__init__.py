@@ -13,6 +13,7 @@ from .lm import lm_evaluate, lm_loss
 from .dpo import STAGE as DPO
 from .kto import STAGE as KTO
 from .rm import STAGE as RM
+from .online import GRPO, PPO
 
 STAGES = {
     "pt": Stage("pt", "text", "causal", lm_loss, lm_evaluate),
@@ -21,6 +22,8 @@ STAGES = {
     "rm": RM,
     "dpo": DPO,
     "kto": KTO,
+    "ppo": PPO,
+    "grpo": GRPO,
 }
 
 __all__ = ["STAGES", "Stage", "count_items"]

@@ -1,0 +1,115 @@
+"""`stage: grpo`: reinforcement fine-tuning with programmatic rewards (GRPO, RLOO, REINFORCE++).
+
+Per step: G = grpo.num_generations completions per prompt; their rewards give one advantage per completion
+(losses.group_advantages), shared by its tokens; the loss per token is the clipped surrogate
+(losses.ppo_policy_loss, optional asymmetric clip) plus kl_coef * k3 KL to the reference, aggregated as a
+token mean over the update (DAPO) or a mean of per-completion means (original GRPO).
+
+With grpo.epochs = 1 the old log-probs are the current ones detached (ratio 1: the plain policy gradient),
+so no extra forward is needed; with more epochs they are computed once per rollout, without gradients.
+Metrics: reward (mean), reward_std, reward/<source>, kl (mean over completions of the summed k1 KL to the
+reference, when a reference is tracked), entropy, response_length, no_eos_fraction, clip_fraction.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..losses import aggregate, group_advantages, kl_k1, kl_k3, ppo_policy_loss
+from . import online
+from .online import PolicyWithValue
+
+
+def setup(config, model, tokenizer, accelerator):
+    return online.setup_online(config, model, tokenizer, accelerator, config.grpo)
+
+
+def wrap(config, model, tokenizer):
+    return PolicyWithValue(model)
+
+
+def step(trainer, prompts: list[dict], ctx) -> dict:
+    cfg, acc, temperature = ctx.config.grpo, trainer.accelerator, ctx.config.generation.temperature
+    G = cfg.num_generations
+    ro = online.rollout(trainer, ctx, prompts, G, cfg.missing_eos_penalty)
+    advantages = group_advantages(ro.scores, G, cfg.baseline, cfg.scale)
+    n = len(ro.sequences)
+    micro = trainer.train_cfg.batch_size * G
+    model = trainer.model
+
+    old_logps = ref_logps = None
+    if cfg.epochs > 1 or ctx.reference_strategy is not None:
+        old, ref = [], []
+        actor = online.unwrap(model)
+        for indices in online.micro_batches(list(range(n)), micro):
+            batch = online.batch_of(trainer, ctx, ro, indices)
+            with acc.autocast():
+                if cfg.epochs > 1:
+                    with torch.no_grad():
+                        old.append(actor(batch, temperature, values=False)[0])
+                if ctx.reference_strategy is not None:
+                    ref.append(online.reference_logps(ctx, actor, batch, temperature))
+        old_logps = online.split_tokens(torch.cat(old), ro.response_tokens) if old else None
+        ref_logps = online.split_tokens(torch.cat(ref), ro.response_tokens) if ref else None
+
+    sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl_k3": 0.0, "tokens": 0.0}
+    first_pass_logps: list[torch.Tensor | None] = [None] * n
+    grad_norm, updates = 0.0, 0
+    for epoch in range(cfg.epochs):
+        plan = online.minibatch_plan(n, cfg.mini_batches, seed=trainer.state.step * 1000 + epoch)
+        for minibatch in plan:
+            mask_all = [ro.response_tokens[i] for i in minibatch]
+            local = sum(mask_all) if cfg.loss == "token_mean" else len(minibatch)
+            total = max(online.total_over_processes(trainer, local), 1.0)
+            for indices in online.micro_batches(minibatch, micro):
+                batch = online.batch_of(trainer, ctx, ro, indices)
+                lengths = [ro.response_tokens[i] for i in indices]
+                with acc.autocast():
+                    logps, logits, _ = model(batch, temperature, values=False)
+                old = online.gather(old_logps, indices).to(logps.device) if old_logps else logps.detach()
+                adv = torch.repeat_interleave(advantages[indices].to(logps.device),
+                                              torch.tensor(lengths, device=logps.device))
+                per_token, clipped, _ = ppo_policy_loss(logps, old, adv, cfg.clip, cfg.clip_high)
+                if ref_logps is not None:
+                    ref = online.gather(ref_logps, indices).to(logps.device)
+                    k3 = kl_k3(logps, ref)
+                    if cfg.kl_coef > 0:
+                        per_token = per_token + cfg.kl_coef * k3
+                    sums["kl_k3"] += float(k3.detach().sum())
+                padded, mask = _rows(per_token, lengths)
+                summed, _ = aggregate(padded, mask, cfg.loss)
+                acc.backward(summed * acc.num_processes / total)
+                sums["loss"] += float(summed.detach()) / total
+                sums["clip_fraction"] += float(clipped.sum())
+                sums["entropy"] += float(online.entropy(logits.detach()).sum())
+                sums["tokens"] += float(sum(lengths))
+                if epoch == 0:
+                    for i, part in zip(indices, logps.detach().float().cpu().split(lengths)):
+                        first_pass_logps[i] = part
+            grad_norm = online.optimizer_update(trainer)
+            updates += 1
+    trainer.scheduler.step()
+
+    tokens = max(sums["tokens"], 1.0)
+    metrics = {"reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std()) if n > 1 else 0.0,
+               **ro.metrics, "clip_fraction": sums["clip_fraction"] / tokens, "entropy": sums["entropy"] / tokens,
+               "advantage_abs": float(advantages.abs().mean())}
+    if ref_logps is not None:
+        sampled = old_logps or first_pass_logps
+        metrics["kl"] = sum(float(kl_k1(sampled[i], ref_logps[i]).sum()) for i in range(n)) / n
+        metrics["kl_k3"] = sums["kl_k3"] / tokens
+    metrics = online.mean_over_processes(trainer, metrics)
+    loss = sums["loss"] / max(updates, 1)
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": int(total_tokens(trainer, ro)), "metrics": metrics}
+
+
+def total_tokens(trainer, ro) -> float:
+    return online.total_over_processes(trainer, float(sum(ro.response_tokens)))
+
+
+def _rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values -> [rows, longest] with a mask (for per-completion means)."""
+    width = max(lengths)
+    mask = torch.arange(width, device=flat.device)[None, :] < torch.tensor(lengths, device=flat.device)[:, None]
+    padded = flat.new_zeros(len(lengths), width)
+    padded[mask] = flat
+    return padded, mask.to(flat.dtype)

@@ -1,0 +1,335 @@
+"""What ppo and grpo share: prompts, the policy (+ critic) module, rollouts, token log-probs, evaluation.
+
+An online step runs inside the one training loop (trainer.py): the loop hands the stage the prompts of a
+step (train.batch_size x train.grad_accum per process), and the stage
+
+  1. samples completions with the engine (KV cache, batched, left padded) from the current policy;
+  2. scores them with the reward sources (rl/rewards.py);
+  3. computes, without gradients and once per rollout, what the update needs (old log-probs, reference
+     log-probs, values);
+  4. runs `epochs` passes of `mini_batches` optimizer updates over the rollout, forward passes in
+     micro-batches of train.batch_size prompts' completions;
+and returns the step's metrics. The learning-rate schedule advances once per step (rollout).
+
+Token tensors are flat: the positions that predict a response token, row after row (the order of
+`selected.nonzero()`), so per-token quantities of a sequence are contiguous and the LM head runs on those
+positions only.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..data.batching import collate
+from ..data.examples import Prompt
+from ..data.formats import LoadReport, _as_sources
+from ..engine import Engine, SamplingParams
+from ..errors import ConfigError
+from ..losses import IGNORE, shift_labels
+from ..stages.lm import _plain_head_parts
+from .rewards import build_sources, score
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def load_prompts(sources, *, kind="prompt", dataset_info=None, skip_invalid=False, text_split="paragraph",
+                 max_samples=None) -> tuple[list[Prompt], LoadReport]:
+    """Rows with `prompt` (a string or messages) or `messages`, and an optional `system`; every other
+    column is kept for the reward functions. A bad row is an error naming its file, line and field."""
+    from ..generate import read_prompts
+
+    if dataset_info:
+        raise ConfigError("ppo/grpo read prompt files directly; data.dataset_info is not supported here")
+    report, prompts = LoadReport(), []
+    for source in _as_sources(sources):
+        rows = read_prompts(source.path)[:source.max_samples]
+        for row, messages in rows:
+            key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
+            columns = {k: v for k, v in row.data.items() if k not in (key, "system")}
+            prompts.append(Prompt(messages, columns, source=str(row.location)))
+        report.sources.append({"path": source.path, "format": "prompts", "rows": len(rows), "used": len(rows)})
+    return prompts[:max_samples], report
+
+
+@dataclass
+class PromptStats:
+    prompts: int = 0
+    truncated: int = 0
+    max_prompt_length: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.prompts} prompts; {self.truncated} longer than {self.max_prompt_length} tokens kept "
+                f"their last {self.max_prompt_length} tokens")
+
+
+def encode_prompts(examples: list[Prompt], tokenizer, config) -> tuple[list[dict], PromptStats]:
+    """Chat-template each prompt (with the generation prompt). Rule for long prompts: keep the last
+    data.max_prompt_length tokens (default max_length - generation.max_new_tokens), counted."""
+    limit = config.data.max_prompt_length or config.data.max_length - config.generation.max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"data.max_length ({config.data.max_length}) leaves no room for a prompt next to "
+                          f"generation.max_new_tokens ({config.generation.max_new_tokens})")
+    stats = PromptStats(max_prompt_length=limit)
+    features = []
+    for example in examples:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=False)
+        elif len(example.messages) == 1:
+            text = example.messages[0]["content"]
+        else:
+            raise ConfigError("this tokenizer has no chat template; set `chat_template:` for message prompts")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
+            ids, stats.truncated = ids[-limit:], stats.truncated + 1
+        user = [m["content"] for m in example.messages if m["role"] in ("user", "tool")]
+        features.append({"input_ids": ids, "prompt": user[-1] if user else "", "columns": example.columns,
+                         "location": example.source})
+    stats.prompts = len(features)
+    return features, stats
+
+
+# ------------------------------------------------------------------------------------------- the module
+
+
+class PolicyWithValue(nn.Module):
+    """The policy and, for PPO, its critic in one module: one optimizer, one DDP wrapper, one checkpoint.
+
+    forward(batch, temperature) returns the flat per-token log-probs of the trained (response) tokens under
+    logits / temperature, their logits (for the entropy) and, with a critic, the values at those positions:
+    V_t is read at the position that predicts token t, i.e. the value of the prefix before it."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    @property
+    def config(self):  # the policy's: what the loop and the checks read
+        return self.policy.config
+
+    def forward(self, batch: dict, temperature: float = 1.0, values: bool = True):
+        targets = shift_labels(batch["labels"])
+        selected = targets != IGNORE
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        parts = _plain_head_parts(self.policy)
+        want_hidden = values and self.value_head is not None
+        if parts is not None:
+            body, head = parts
+            hidden = body(**inputs, use_cache=False).last_hidden_state[selected]
+            logits = head(hidden)
+        else:
+            out = self.policy(**inputs, use_cache=False, output_hidden_states=want_hidden)
+            logits = out.logits[selected]
+            hidden = out.hidden_states[-1][selected] if want_hidden else None
+        logits = logits.float() / temperature
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[selected][:, None]).squeeze(-1)
+        value = None
+        if want_hidden:
+            value = self.value_head(hidden).squeeze(-1).float()
+        elif values and self.critic is not None:
+            value = critic_values(self.critic, inputs, selected)
+        return logps, logits, value
+
+
+def critic_values(critic: nn.Module, inputs: dict, selected: torch.Tensor) -> torch.Tensor:
+    """A sequence-classification model's scalar head applied at every selected position (not only the last)."""
+    hf = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    body = getattr(hf, hf.base_model_prefix)
+    head = getattr(hf, "score", None) or getattr(hf, "classifier")
+    hidden = body(**inputs, use_cache=False).last_hidden_state[selected]
+    return head(hidden).squeeze(-1).float()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of softmax(logits): logsumexp(z) - sum p z."""
+    logz = torch.logsumexp(logits, dim=-1)
+    return logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """RL compares log-probs of the same tokens across passes: dropout would make them differ."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+@dataclass
+class OnlineContext:
+    config: object
+    tokenizer: object
+    sources: list
+    engine: Engine
+    reference_strategy: str | None = None
+    reference: nn.Module | None = None   # the frozen copy ("copy")
+    extra: dict = field(default_factory=dict)
+
+
+def build_reference(options, config, tokenizer, device) -> tuple[str, nn.Module | None]:
+    strategy = options.reference
+    if strategy == "auto":
+        strategy = "adapter" if config.method == "lora" else "copy"
+    if strategy == "adapter":
+        return strategy, None
+    from ..modeling import load_model
+
+    copy = load_model(config.model, "causal", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
+                      attn_implementation=config.attn_implementation)
+    disable_dropout(copy)
+    return strategy, copy.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def reference_logps(ctx: OnlineContext, actor: PolicyWithValue, batch: dict, temperature: float) -> torch.Tensor:
+    if ctx.reference_strategy == "adapter":
+        with actor.policy.disable_adapter():
+            return actor(batch, temperature, values=False)[0]
+    return PolicyWithValue(ctx.reference)(batch, temperature, values=False)[0]
+
+
+def setup_online(config, model, tokenizer, accelerator, options) -> OnlineContext:
+    sources = build_sources(config.rewards)
+    actor = unwrap(model)
+    disable_dropout(actor)
+    strategy, reference = None, None
+    if getattr(options, "kl_coef", 0) > 0 or getattr(options, "track_kl", True):
+        strategy, reference = build_reference(options, config, tokenizer, accelerator.device)
+    engine = Engine(actor.policy, tokenizer)
+    return OnlineContext(config, tokenizer, sources, engine, strategy, reference)
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    """Sequences (prompt + sampled response) and what was measured about them."""
+
+    prompts: list[dict]            # the prompt features, one per sequence (repeated for each sample)
+    sequences: list[dict]          # {"input_ids", "labels"}: labels are the response tokens, -100 elsewhere
+    response_tokens: list[int]
+    finish_reasons: list[str]
+    texts: list[str]
+    scores: torch.Tensor           # [N] reward sum (plus the missing-EOS penalty)
+    metrics: dict
+
+
+def sampling_params(config, n: int, seed: int | None) -> SamplingParams:
+    g = config.generation
+    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                          top_k=g.top_k, stop=list(g.stop), seed=seed, n=n)
+
+
+def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eos_penalty: float | None,
+            greedy: bool = False) -> Rollout:
+    """n completions per prompt from the current policy, scored. Sampling is seeded by (seed, step, rank),
+    so a resumed run samples what the uninterrupted one did."""
+    config = ctx.config
+    seed = config.train.seed * 1_000_003 + trainer.state.step * 7919 + trainer.accelerator.process_index
+    params = sampling_params(config, n, seed)
+    if greedy:
+        params.temperature, params.n = 0.0, 1
+    size = config.generation.batch_size or len(prompts)
+    completions = []
+    with trainer.accelerator.autocast():
+        for start in range(0, len(prompts), size):
+            chunk = [p["input_ids"] for p in prompts[start:start + size]]
+            for c in ctx.engine.generate(chunk, params):
+                c.prompt_index += start
+                completions.append(c)
+    expanded = [prompts[c.prompt_index] for c in completions]
+    sequences = [{"input_ids": p["input_ids"] + c.token_ids, "labels": [IGNORE] * len(p["input_ids"]) + c.token_ids}
+                 for p, c in zip(expanded, completions)]
+    columns = {k: [p["columns"].get(k) for p in expanded] for k in expanded[0]["columns"]}
+    texts = [c.text for c in completions]
+    names = [f"prompt {p['location']}" + (f" (sample {i % n + 1} of {n})" if n > 1 else "")
+             for i, p in enumerate(expanded)]
+    values, metrics = score(ctx.sources, [p["prompt"] for p in expanded], texts, columns, names=names,
+                            skip_invalid=getattr(getattr(config, config.stage), "skip_invalid_rewards", False))
+    no_eos = [c.finish_reason == "length" for c in completions]
+    scores = torch.tensor(values, dtype=torch.float32)
+    if missing_eos_penalty:
+        scores = scores + missing_eos_penalty * torch.tensor(no_eos, dtype=torch.float32)
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    metrics.update(response_length=sum(lengths) / len(lengths), no_eos_fraction=sum(no_eos) / len(no_eos))
+    return Rollout(expanded, sequences, lengths, [c.finish_reason for c in completions], texts, scores, metrics)
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def batch_of(trainer, ctx: OnlineContext, rollout: Rollout, indices: list[int]) -> dict:
+    batch = collate([rollout.sequences[i] for i in indices], ctx.engine.pad_token_id)
+    return {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+
+
+def gather(per_sequence: list[torch.Tensor], indices: list[int]) -> torch.Tensor:
+    """The flat per-token tensor of these sequences, in the order the forward returns tokens."""
+    return torch.cat([per_sequence[i] for i in indices])
+
+
+def split_tokens(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    return list(flat.detach().float().cpu().split(lengths))
+
+
+def minibatch_plan(n: int, mini_batches: int, seed: int) -> list[list[int]]:
+    """Shuffled sequence indices cut into `mini_batches` parts (one optimizer update each)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    parts = max(1, min(mini_batches, n))
+    size = math.ceil(n / parts)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def total_over_processes(trainer, value: float) -> float:
+    acc = trainer.accelerator
+    if acc.num_processes == 1:
+        return value
+    return float(acc.reduce(torch.tensor(float(value), device=acc.device), "sum"))
+
+
+def mean_over_processes(trainer, metrics: dict) -> dict:
+    acc = trainer.accelerator
+    if acc.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    packed = torch.tensor([float(metrics[k]) for k in keys], device=acc.device, dtype=torch.float64)
+    packed = acc.reduce(packed, "mean").tolist()
+    return dict(zip(keys, packed))
+
+
+def optimizer_update(trainer) -> float:
+    max_norm = trainer.train_cfg.max_grad_norm or float("inf")
+    grad_norm = trainer.accelerator.clip_grad_norm_(trainer.params, max_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_online(trainer, eval_units: list[dict], ctx: OnlineContext) -> dict[str, float]:
+    """Greedy answers to the eval prompts, scored by the same reward sources (no missing-EOS penalty)."""
+    if not eval_units:
+        return {}
+    result = rollout(trainer, ctx, eval_units, 1, None, greedy=True)
+    metrics = {"eval_reward": float(result.scores.mean())}
+    metrics.update({f"eval_{k}": v for k, v in result.metrics.items()})
+    return mean_over_processes(trainer, metrics)

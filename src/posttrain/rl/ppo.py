@@ -1,0 +1,161 @@
+"""`stage: ppo`: RLHF with PPO (InstructGPT; the implementation details of Huang et al. 2024).
+
+Per step (one rollout of the step's prompts, one response each):
+  score    s = weighted reward sources, plus ppo.missing_eos_penalty when the response has no end-of-turn;
+  reward   r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t))   (k1 KL, per token), plus s on the last token;
+  GAE      advantages and returns with gamma, lambda over the response tokens; advantages whitened;
+  update   ppo.epochs passes of ppo.mini_batches updates: clipped surrogate + vf_coef * clipped value loss;
+  beta     fixed, or Ziegler et al.'s adaptive controller towards ppo.target_kl (kept in checkpoints).
+Log-probs are taken under logits / generation.temperature, for the policy and the reference alike; dropout
+is off. The critic is a value head on the policy, or a separate value model (from the reward model, or any
+directory) trained with the same optimizer; only the policy is written to output_dir.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..losses import (adaptive_kl_coef, gae, kl_k1, masked_mean, masked_whiten, ppo_policy_loss,
+                      ppo_value_loss)
+from . import online
+from .online import PolicyWithValue
+
+
+def value_model_source(config) -> str | None:
+    """None: a value head on the policy; else the directory the separate value model starts from."""
+    choice = config.ppo.value_model
+    reward_models = [spec["model"] for spec in config.rewards if isinstance(spec, dict) and "model" in spec]
+    if choice == "auto":
+        return reward_models[0] if reward_models else None
+    if choice == "head":
+        return None
+    if choice == "reward":
+        if not reward_models:
+            raise ConfigError("ppo.value_model: reward needs a `{model: DIR}` entry in rewards")
+        return reward_models[0]
+    return choice
+
+
+def wrap(config, model, tokenizer):
+    source = value_model_source(config)
+    if source is None:
+        hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+            else model.config.hidden_size
+        head = nn.Linear(hidden, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return PolicyWithValue(model, value_head=head)
+    from ..modeling import apply_lora, load_model
+
+    critic = load_model(source, "reward", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
+                        attn_implementation=config.attn_implementation)
+    if critic.config.vocab_size != getattr(model.config, "vocab_size", critic.config.vocab_size):
+        raise ConfigError(f"ppo.value_model {source}: its vocabulary ({critic.config.vocab_size}) differs from "
+                          f"the policy's; the critic reads the policy's tokens")
+    if config.method == "lora":
+        critic = apply_lora(critic, config.adapter, "reward")
+    return PolicyWithValue(model, critic=critic.train())
+
+
+def setup(config, model, tokenizer, accelerator):
+    ctx = online.setup_online(config, model, tokenizer, accelerator, config.ppo)
+    if ctx.reference_strategy is None:  # ppo always needs the reference for its KL penalty
+        ctx.reference_strategy, ctx.reference = online.build_reference(config.ppo, config, tokenizer,
+                                                                       accelerator.device)
+    return ctx
+
+
+def _padded(per_sequence: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(t) for t in per_sequence)
+    out = torch.zeros(len(per_sequence), width)
+    mask = torch.zeros(len(per_sequence), width)
+    for i, t in enumerate(per_sequence):
+        out[i, :len(t)], mask[i, :len(t)] = t, 1
+    return out, mask
+
+
+def step(trainer, prompts: list[dict], ctx) -> dict:
+    cfg, acc = ctx.config.ppo, trainer.accelerator
+    temperature = ctx.config.generation.temperature
+    beta = trainer.state.stage_state.get("kl_coef", cfg.kl_coef)
+    ro = online.rollout(trainer, ctx, prompts, 1, cfg.missing_eos_penalty)
+    n, micro, model = len(ro.sequences), trainer.train_cfg.batch_size, trainer.model
+    actor = online.unwrap(model)
+
+    # once per rollout, without gradients: old log-probs, values, reference log-probs, entropy
+    old, values, ref, ent = [], [], [], []
+    for indices in online.micro_batches(list(range(n)), micro):
+        batch = online.batch_of(trainer, ctx, ro, indices)
+        with acc.autocast(), torch.no_grad():
+            logps, logits, value = actor(batch, temperature)
+            ref.append(online.reference_logps(ctx, actor, batch, temperature))
+        old.append(logps)
+        values.append(value)
+        ent.append(online.entropy(logits))
+    split = lambda parts: online.split_tokens(torch.cat(parts), ro.response_tokens)  # noqa: E731
+    old_logps, old_values, ref_logps, entropies = split(old), split(values), split(ref), split(ent)
+
+    old_lp, mask = _padded(old_logps)
+    ref_lp, _ = _padded(ref_logps)
+    old_v, _ = _padded(old_values)
+    kl = kl_k1(old_lp, ref_lp) * mask
+    rewards = -beta * kl
+    last = torch.tensor(ro.response_tokens) - 1
+    rewards[torch.arange(n), last] += ro.scores
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, old_v, mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, mask)
+    adv_rows = [advantages[i, :L] for i, L in enumerate(ro.response_tokens)]
+    ret_rows = [returns[i, :L] for i, L in enumerate(ro.response_tokens)]
+
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
+            "approx_kl": 0.0, "tokens": 0.0}
+    grad_norm = 0.0
+    for epoch in range(cfg.epochs):
+        for minibatch in online.minibatch_plan(n, cfg.mini_batches, seed=trainer.state.step * 1000 + epoch):
+            total = max(online.total_over_processes(trainer, sum(ro.response_tokens[i] for i in minibatch)), 1.0)
+            for indices in online.micro_batches(minibatch, micro):
+                batch = online.batch_of(trainer, ctx, ro, indices)
+                with acc.autocast():
+                    logps, _, value = model(batch, temperature)
+                dev = logps.device
+                pick = lambda rows: online.gather(rows, indices).to(dev)  # noqa: E731
+                pg, clipped, approx = ppo_policy_loss(logps, pick(old_logps), pick(adv_rows), cfg.clip, cfg.clip_high)
+                vf = ppo_value_loss(value, pick(old_values), pick(ret_rows), cfg.value_clip)
+                summed = pg.sum() + cfg.vf_coef * vf.sum()
+                acc.backward(summed * acc.num_processes / total)
+                sums["policy_loss"] += float(pg.detach().sum())
+                sums["value_loss"] += float(vf.detach().sum())
+                sums["clip_fraction"] += float(clipped.sum())
+                sums["approx_kl"] += float(approx.sum())
+                if cfg.value_clip is not None:
+                    moved = (value.detach() - pick(old_values)).abs() > cfg.value_clip
+                    sums["value_clip_fraction"] += float(moved.sum())
+                sums["tokens"] += float(len(logps))
+            grad_norm = online.optimizer_update(trainer)
+    trainer.scheduler.step()
+
+    tokens = max(sums["tokens"], 1.0)
+    kl_per_response = kl.sum(1)
+    non_score = (-beta * kl).sum(1)
+    flat_returns, flat_values = returns[mask.bool()], old_v[mask.bool()]
+    variance = flat_returns.var() if flat_returns.numel() > 1 else torch.tensor(0.0)
+    explained = 1 - (flat_returns - flat_values).var() / variance if variance > 0 else torch.tensor(0.0)
+    metrics = {"reward": float((ro.scores + non_score).mean()), "score": float(ro.scores.mean()),
+               "reward_std": float(ro.scores.std()) if n > 1 else 0.0, **ro.metrics,
+               "kl": float(kl_per_response.mean()), "beta": beta,
+               "entropy": float(masked_mean(_padded(entropies)[0], mask)),
+               "policy_loss": sums["policy_loss"] / tokens, "value_loss": sums["value_loss"] / tokens,
+               "clip_fraction": sums["clip_fraction"] / tokens, "approx_kl": sums["approx_kl"] / tokens,
+               "value_clip_fraction": sums["value_clip_fraction"] / tokens,
+               "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask))}
+    metrics = online.mean_over_processes(trainer, metrics)
+    if cfg.adaptive_kl:
+        n_total = int(online.total_over_processes(trainer, n))
+        trainer.state.stage_state["kl_coef"] = adaptive_kl_coef(beta, metrics["kl"], cfg.target_kl, n_total,
+                                                                cfg.kl_horizon)
+    loss = (sums["policy_loss"] + cfg.vf_coef * sums["value_loss"]) / tokens
+    return {"loss": loss, "grad_norm": grad_norm,
+            "tokens": int(online.total_over_processes(trainer, float(sum(ro.response_tokens)))), "metrics": metrics}

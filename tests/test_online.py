@@ -1,0 +1,221 @@
+"""ppo and grpo for real: a tiny model, a rule reward, real rollouts and updates, the real CLI."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli, write_jsonl
+from posttrain.config import build_config
+from posttrain.modeling import load_model, load_tokenizer, save_pretrained
+from posttrain.train import run_training
+
+REWARDS = '''
+def vowels(prompts, completions, **columns):
+    """Dense and learnable from scratch: the share of vowels in the completion."""
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def needs_answer(prompts, completions, answer, **columns):
+    assert len(answer) == len(completions)
+    return [0.0 for _ in completions]
+
+
+def explode(prompts, completions, **columns):
+    if any("7" in p for p in prompts):
+        raise ValueError("cannot score this one")
+    return [0.0 for _ in completions]
+
+
+def nan(prompts, completions, **columns):
+    return [float("nan") for _ in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def rl_files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rl")
+    rng = random.Random(0)
+    rows = []
+    for i in range(64):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"prompt": f"What is {a} plus {b}?", "answer": str(a + b)})
+    rewards = root / "rewards.py"
+    rewards.write_text(REWARDS)
+    return {"prompts": write_jsonl(root / "prompts.jsonl", rows), "rewards": rewards}
+
+
+def rl_config(model: Path, files: dict, out: Path, stage: str, **sections) -> dict:
+    config = {"stage": stage, "model": str(model), "output_dir": str(out),
+              "data": {"train": str(files["prompts"]), "max_length": 96},
+              "rewards": [{"function": f"{files['rewards']}:vowels"}],
+              "generation": {"max_new_tokens": 16},
+              "train": {"max_steps": 2, "batch_size": 4, "lr": 3e-3, "seed": 0, "log_steps": 1,
+                        "scheduler": "constant"}}
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
+    return config
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_grpo_raises_the_reward_with_bounded_kl(tiny_model, rl_files, tmp_path):
+    out = tmp_path / "grpo"
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(rl_config(tiny_model, rl_files, out, "grpo",
+                                               grpo={"num_generations": 4, "kl_coef": 0.05},
+                                               data={"eval_fraction": 0.1},
+                                               train={"max_steps": 30, "eval_steps": 15})))
+    run_cli("train", config)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("reward", "reward_std", "reward/vowels", "kl", "entropy", "response_length", "clip_fraction"):
+        assert all(key in r for r in rows), key
+    first, last = mean(rows[:5], "reward"), mean(rows[-5:], "reward")
+    assert last > first + 0.08, (first, last)
+    assert max(r["kl"] for r in rows) < 15.0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    assert "eval_reward" in rows[14] and "eval_reward" in rows[29]
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert {"reward.png", "kl.png", "eval_reward.png"} <= plots
+    model = AutoModelForCausalLM.from_pretrained(out)  # the policy alone, a plain HF model
+    assert model.config.vocab_size > 0
+
+
+def test_ppo_raises_the_score_with_a_value_head(tiny_model, rl_files, tmp_path):
+    out = tmp_path / "ppo"
+    config = build_config(rl_config(tiny_model, rl_files, out, "ppo",
+                                    ppo={"kl_coef": 0.02, "missing_eos_penalty": None, "vf_coef": 1.0,
+                                         "epochs": 2},
+                                    train={"max_steps": 30, "batch_size": 8, "lr": 5e-3}))
+    summary = run_training(config)
+    assert summary["steps"] == 30
+    rows = metrics(out)
+    for key in ("reward", "score", "reward_std", "kl", "beta", "entropy", "response_length", "clip_fraction",
+                "value_loss", "explained_variance", "approx_kl", "policy_loss"):
+        assert all(key in r for r in rows), key
+    first, last = mean(rows[:5], "score"), mean(rows[-5:], "score")
+    assert last > first + 0.05, (first, last)
+    assert max(r["kl"] for r in rows) < 15.0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    # reward = score - beta * KL summed over the response
+    for r in rows:
+        assert r["reward"] == pytest.approx(r["score"] - r["beta"] * r["kl"], abs=1e-4)
+    # only the policy is written: same tensors as the starting model, no value head
+    saved = load_file(str(out / "model.safetensors"))
+    start = load_file(str(Path(tiny_model) / "model.safetensors"))
+    assert set(saved) == set(start)
+
+
+def test_ppo_adaptive_kl_moves_beta_and_resumes_exactly(tiny_model, rl_files, tmp_path):
+    """beta follows the controller; a run resumed from its step-2 checkpoint ends with the same weights and
+    beta as the uninterrupted run (sampling is seeded by step, beta is kept in the checkpoint)."""
+    body = rl_config(tiny_model, rl_files, tmp_path / "a", "ppo",
+                     ppo={"kl_coef": 0.1, "adaptive_kl": True, "target_kl": 0.01, "kl_horizon": 100,
+                          "epochs": 2, "mini_batches": 2},
+                     train={"max_steps": 4, "save_steps": 2})
+    run_training(build_config(body))
+    rows = metrics(tmp_path / "a")
+    betas = [r["beta"] for r in rows]
+    assert betas[0] == pytest.approx(0.1)
+    assert betas[-1] > betas[0]  # KL above the tiny target: beta grows
+    partial = tmp_path / "b"
+    partial.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", partial / "checkpoints" / "step-2")
+    run_training(build_config({**body, "output_dir": str(partial), "resume": "auto"}))
+    assert [r["beta"] for r in metrics(partial)] == pytest.approx(betas[2:])  # steps 3 and 4
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(partial / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_with_a_value_model_from_the_reward_model(tiny_model, rl_files, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model))
+    reward_dir = tmp_path / "rm"
+    save_pretrained(load_model(str(tiny_model), "reward", tokenizer=tokenizer), tokenizer, reward_dir, "reward")
+    out = tmp_path / "ppo"
+    config = build_config(rl_config(tiny_model, rl_files, out, "ppo",
+                                    rewards=[{"model": str(reward_dir), "weight": 0.5},
+                                             {"function": f"{rl_files['rewards']}:vowels"}]))
+    run_training(config)
+    rows = metrics(out)
+    assert "reward/model" in rows[0] and "reward/vowels" in rows[0]
+    assert rows[0]["value_mean"] != 0.0  # the critic starts from the reward model, not from zero
+    assert AutoModelForCausalLM.from_pretrained(out).config.architectures[0].endswith("ForCausalLM")
+
+
+@pytest.mark.parametrize("options", [
+    {"baseline": "rloo", "loss": "sequence_mean", "epochs": 2, "mini_batches": 2, "clip_high": 0.28},
+    {"baseline": "reinforce++", "track_kl": False},
+])
+def test_grpo_options_with_lora(tiny_model, rl_files, tmp_path, options):
+    out = tmp_path / "lora"
+    config = build_config(rl_config(tiny_model, rl_files, out, "grpo", adapter={"type": "lora", "r": 4},
+                                    grpo={"num_generations": 3, "kl_coef": 0.0, **options},
+                                    generation={"temperature": 0.8, "top_k": 50}))
+    run_training(config)
+    rows = metrics(out)
+    assert ("kl" in rows[0]) == options.get("track_kl", True)
+    assert (out / "adapter_config.json").is_file()
+    if options.get("epochs", 1) > 1:
+        assert rows[0]["clip_fraction"] >= 0.0
+
+
+def test_prompts_over_the_limit_are_truncated_and_counted(tiny_model, rl_files, tmp_path):
+    rows = [{"prompt": "What is 1 plus 2? " * 30, "answer": "3"}] + \
+        [{"prompt": "What is 1 plus 2?", "answer": "3"}] * 7
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "out"
+    config = build_config(rl_config(tiny_model, rl_files, out, "grpo", data={"train": str(data)},
+                                    grpo={"num_generations": 2},
+                                    rewards=[{"function": f"{rl_files['rewards']}:needs_answer"}]))
+    summary = run_training(config)
+    assert "1 longer than 80 tokens" in summary["data"]["train_encode"]
+
+
+@pytest.mark.parametrize("fn, message", [
+    # the step's prompts are shuffled: the first failing one is one of the "7" rows, lines 2 and 4
+    ("explode", r"reward 'explode': prompt \S*p.jsonl:[24] \(sample 1 of 2\): raised ValueError: cannot score"),
+    ("nan", r"reward 'nan': prompt \S*p.jsonl:\d \(sample 1 of 2\): returned nan, rewards must be finite"),
+])
+def test_bad_rewards_stop_with_the_function_and_prompt(tiny_model, rl_files, tmp_path, fn, message):
+    rows = [{"prompt": "What is 1 plus 2?"}, {"prompt": "What is 7 plus 2?"}] * 2
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(rl_config(tiny_model, rl_files, out, "grpo", data={"train": str(data)},
+                                               grpo={"num_generations": 2},
+                                               rewards=[{"function": f"{rl_files['rewards']}:{fn}"}],
+                                               train={"group_by_length": False})))
+    result = run_cli("train", config, check=False)
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_online_config_errors(tiny_model, rl_files, tmp_path):
+    from posttrain.errors import ConfigError
+
+    body = rl_config(tiny_model, rl_files, tmp_path / "o", "grpo")
+    with pytest.raises(ConfigError, match="needs `rewards:`"):
+        build_config({**body, "rewards": []})
+    with pytest.raises(ConfigError, match="reference: adapter needs adapter.type: lora"):
+        build_config({**body, "grpo": {"reference": "adapter"}})
+    with pytest.raises(ConfigError, match="did you mean 'grpo.num_generations'"):
+        build_config({**body, "grpo": {"num_generation": 4}})
+    with pytest.raises(ConfigError, match="`rewards:` is for stages ppo and grpo"):
+        build_config({**body, "stage": "sft"})
