@@ -78,8 +78,10 @@ class TrainConfig(Section):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null = no clip.")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout (reproducible on CPU).")
-    bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on recent GPUs); "
-                                          "weights and optimizer stay fp32.")
+    bf16: bool | Literal["auto"] = Field(
+        False, description="bf16 autocast; weights and optimizer stay fp32. `auto`: on where bf16 is fast (a GPU "
+                           "that supports it, a CPU with AMX or AVX512-BF16), off elsewhere (on a CPU without "
+                           "them bf16 is emulated and many times slower than fp32).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); "
                                                     "batches are shuffled.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")

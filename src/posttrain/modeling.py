@@ -21,6 +21,42 @@ from .errors import ConfigError
 log = logging.getLogger("posttrain")
 
 
+# ---------------------------------------------------------------- model structure and precision
+
+# Model types whose CausalLM forward is exactly `lm_head(body(...))`: for these the head is applied only
+# to trained positions (prompt and padding rows of the logits are never built). Others use the full forward.
+PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "gpt2", "phi",
+                     "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2"}
+
+
+def plain_head_parts(model: nn.Module):
+    """(body, head) when the trained positions can be selected before the LM head, else None."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # the forward must go through the wrapper
+        return None
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(hf.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    head = hf.get_output_embeddings()
+    return (body, head) if body is not None and head is not None else None
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def use_bf16(setting: bool | str) -> bool:
+    """train.bf16 resolved: true / false as given, `auto` by fast_bf16()."""
+    return fast_bf16() if setting == "auto" else bool(setting)
+
+
 # ---------------------------------------------------------------- tokenizer
 
 def resolve_model_path(name: str) -> str:

@@ -25,7 +25,7 @@ from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
 from .errors import ConfigError, DataError
 from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained,
-                       write_into)
+                       use_bf16, write_into)
 from .plots import plot_metrics
 from .stages import STAGES, Stage
 
@@ -136,7 +136,7 @@ def run_training(config: Config) -> dict:
     # gradual unfreezing leaves the lower layers without gradients for a while: DDP must be told
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.freeze.gradual_unfreeze else []
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # without it, CPU processes never form a group
-                              mixed_precision="bf16" if config.train.bf16 else "no",
+                              mixed_precision="bf16" if use_bf16(config.train.bf16) else "no",
                               log_with="tensorboard" if config.train.tensorboard else None,
                               project_dir=str(out_dir), kwargs_handlers=ddp)
     set_seed(config.train.seed)

@@ -30,7 +30,7 @@ from ..data.formats import LoadReport, _as_sources
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError
 from ..losses import IGNORE, shift_labels
-from ..stages.lm import _plain_head_parts
+from ..modeling import plain_head_parts
 from .rewards import build_sources, score
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -116,7 +116,7 @@ class PolicyWithValue(nn.Module):
         targets = shift_labels(batch["labels"])
         selected = targets != IGNORE
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        parts = _plain_head_parts(self.policy)
+        parts = plain_head_parts(self.policy)
         want_hidden = values and self.value_head is not None
         if parts is not None:
             body, head = parts

@@ -11,24 +11,7 @@ import torch
 from torch import nn
 
 from ..losses import IGNORE, shift_labels, token_nll_sum
-
-# Model types whose CausalLM forward is exactly `lm_head(body(...))`: for these the head is applied only
-# to trained positions (prompt and padding rows of the logits are never built). Others use the full forward.
-PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "gpt2", "phi",
-                     "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2"}
-
-
-def _plain_head_parts(model: nn.Module):
-    """(body, head) when the trained positions can be selected before the LM head, else None."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # the forward must go through the wrapper
-        return None
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(hf.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return None
-    body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    head = hf.get_output_embeddings()
-    return (body, head) if body is not None and head is not None else None
-
+from ..modeling import plain_head_parts
 
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -42,7 +25,7 @@ def trained_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     targets = shift_labels(batch["labels"])
     selected = targets != IGNORE
     rows = selected.nonzero()[:, 0]
-    parts = _plain_head_parts(model)
+    parts = plain_head_parts(model)
     if parts is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits
         return logits[selected], targets[selected], rows

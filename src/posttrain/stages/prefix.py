@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .lm import _model_inputs, _plain_head_parts
+from ..modeling import plain_head_parts
+from .lm import _model_inputs
 
 PROMPT, CHOSEN, REJECTED = 1, 2, 3
 
@@ -80,7 +81,7 @@ def shared_prefix_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tenso
 
 def shared_prefix_logps(model, batch: dict):
     """(chosen, rejected) summed log-probs and token counts per pair, from one shared-prefix forward."""
-    parts = _plain_head_parts(model)
+    parts = plain_head_parts(model)
     if parts is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits
         selected = logits.flatten(0, 1)[batch["predictor"]]
