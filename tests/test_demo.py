@@ -1,4 +1,4 @@
-"""`posttrain demo --quick`: the embedded default runs end to end through the real CLI."""
+"""`posttrain demo --quick`: the embedded default runs the whole shipped recipe through the real CLI."""
 from __future__ import annotations
 
 import json
@@ -7,18 +7,43 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
 
+STEPS = ("init", "pt", "sft", "candidates", "rankings", "pairs", "candidates_eval", "rankings_eval", "pairs_eval",
+         "rm", "dpo", "ppo", "grpo", "eval_sft", "eval_dpo", "eval_ppo", "eval_grpo")
 
-def test_quick_demo_runs_the_pipeline(tmp_path):
+
+def test_quick_demo_runs_the_pipeline_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", out, timeout=900)
-    assert "held-out task accuracy" in result.stdout
-    for stage in ("pt", "sft"):
-        assert (out / "configs" / f"{stage}.yaml").is_file()
+    assert "Report:" in result.stdout
+    for step in STEPS:  # every step completed (lineage.json is written last)
+        assert (out / step / "lineage.json").is_file(), step
+    for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
         summary = json.loads((out / stage / "summary.json").read_text())
-        assert summary["steps"] > 0
-        assert (out / stage / "plots" / "loss.png").is_file()
+        assert summary["steps"] > 0, stage
+        assert (out / stage / "plots").is_dir(), stage
     pt_metrics = [json.loads(line) for line in (out / "pt" / "metrics.jsonl").read_text().splitlines()]
     assert pt_metrics[-1]["loss"] < pt_metrics[0]["loss"]
+    for stage in ("ppo", "grpo"):  # every RL step logs the mean reward and the KL to the SFT model
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all("reward" in r and "kl" in r for r in rows), stage
+        assert (out / stage / "plots" / "reward.png").is_file()
+    pairs = (out / "pairs" / "pairs.jsonl").read_text().splitlines()
+    assert pairs and {"prompt", "chosen", "rejected"} <= set(json.loads(pairs[0]))
+
+    report = (out / "report.md").read_text()
+    for model in ("sft", "dpo", "ppo", "grpo"):
+        evaluation = json.loads((out / f"eval_{model}" / "eval.json").read_text())
+        assert 0.0 <= evaluation["task_accuracy"] <= 1.0 and evaluation["perplexity"] > 1.0
+        assert evaluation["kl"] is not None and evaluation["rm_score"] is not None
+        assert f"| {model} |" in report
+    sft_eval = json.loads((out / "eval_sft" / "eval.json").read_text())
+    assert sft_eval["kl"] == 0.0  # the SFT model against itself
+    assert sft_eval["rm_pairwise_accuracy"] is not None
+    assert "posttrain chat --model" in report and "posttrain serve --model" in report
     demo = json.loads((out / "demo_result.json").read_text())
-    assert 0.0 <= demo["task_accuracy"] <= 1.0 and 0.0 <= demo["persona_exact_match"] <= 1.0
-    assert AutoModelForCausalLM.from_pretrained(out / "sft") is not None
+    assert set(demo["rl"]) == {"ppo", "grpo"}
+    assert AutoModelForCausalLM.from_pretrained(out / "grpo") is not None
+
+    # the written recipe reruns: nothing changed, so every step is skipped
+    rerun = run_cli("run", out / "recipe.yaml", timeout=300)
+    assert f"0 of {len(STEPS)} steps ran" in rerun.stdout

@@ -1,119 +1,164 @@
 """`posttrain demo`: the embedded default, end to end, offline on a CPU.
 
-init-model (tokenizer + random model) -> pt on generated raw text -> sft on generated instruction data
-(tasks and a restaurant helper persona) -> a few generations on held-out prompts, scored by the checker.
-Every step writes its configs and outputs under OUT so the run can be inspected and repeated by hand.
+Writes generated data to OUT/data, then runs the shipped recipe (demo/recipe.yaml, with the full or --quick
+sizes as its vars) through the recipe runner: init-model -> pt -> sft -> candidates -> rankings -> pairs ->
+rm -> dpo -> ppo -> grpo -> an eval of every model on held-out prompts. OUT/report.md says what each stage
+measurably did; OUT/recipe.yaml reruns the same pipeline (`posttrain run OUT/recipe.yaml`), skipping what
+is unchanged.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from importlib import resources
 from pathlib import Path
 
-import torch
 import yaml
 
-from ..config import load_config
-from ..train import run_training
-from .data import check, normalize_answer, write_demo_data
+from ..recipe import format_results, run_recipe
+from .data import write_demo_data
 
 log = logging.getLogger("posttrain")
 
-FULL = dict(size="small", vocab=2048, pt_steps=250, sft_steps=500, batch=16, max_length=256, n_eval=40,
-            data={"pretrain": 4000, "sft": 4000})
-QUICK = dict(size="small", vocab=2048, pt_steps=60, sft_steps=150, batch=16, max_length=192, n_eval=16,
-             data={"pretrain": 1500, "sft": 2000})
+FULL = {"data": {"pretrain": 4000, "sft": 4000, "tasks": 1000, "tasks_eval": 100},
+        "vars": {}}  # the recipe's own vars are the full run
+QUICK = {"data": {"pretrain": 600, "sft": 800, "tasks": 48, "tasks_eval": 16},
+         "vars": {"size": "tiny", "vocab": 1024, "max_length": 128, "pt_steps": 30, "sft_steps": 60,
+                  "batch_size": 8, "rm_steps": 10, "dpo_steps": 6, "ppo_steps": 3, "grpo_steps": 3,
+                  "rl_prompts": 4, "n_eval": 16}}
+MODELS = ("sft", "dpo", "ppo", "grpo")
 
 
-def _stage_config(out: Path, name: str, body: dict) -> Path:
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-def _train(out: Path, name: str, body: dict) -> dict:
-    path = _stage_config(out, name, body)
-    log.info("== %s: posttrain train %s", name, path)
-    return run_training(load_config(path))
-
-
-@torch.no_grad()
-def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 96) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    answers = []
-    for start in range(0, len(texts), 16):
-        batch = tokenizer(texts[start:start + 16], return_tensors="pt", padding=True, add_special_tokens=False)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        for row in output[:, batch["input_ids"].shape[1]:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
-
-
-def persona_prompts(path: Path) -> list[dict]:
-    """First turns of the held-out restaurant-bot chats: the system persona + a question, and the reference."""
-    found = []
-    for line in path.read_text().splitlines():
-        messages = json.loads(line)["messages"]
-        if messages[0]["role"] == "system" and len(messages) >= 3 and messages[2]["role"] == "assistant":
-            found.append({"messages": messages[:2], "reference": messages[2]["content"]})
-    return found
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def demo_recipe(out: Path, quick: bool) -> dict:
+    """The shipped recipe with OUT/data and the run's sizes filled into its vars."""
+    recipe = yaml.safe_load(resources.files("posttrain.demo").joinpath("recipe.yaml").read_text())
+    settings = QUICK if quick else FULL
+    recipe["vars"] = {**recipe["vars"], **settings["vars"], "data": str(out / "data")}
+    recipe["out"] = str(out)
+    return recipe
 
 
 def run_demo(out: Path, quick: bool = False) -> dict:
-    from ..init_model import init_model, read_corpus
-
-    settings = QUICK if quick else FULL
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    files = write_demo_data(out / "data", seed=0, sizes=settings["data"])
-    log.info("== init-model: %s tokenizer + random qwen2/%s model", settings["vocab"], settings["size"])
-    init_model("qwen2", settings["size"], read_corpus([files["tokenizer_corpus"]]), out / "init",
-               vocab_size=settings["vocab"], seed=0)
-    common_train = dict(batch_size=settings["batch"], bf16=True, warmup_ratio=0.05, log_steps=5)
-    pt_summary = _train(out, "pt", {"stage": "pt", "model": str(out / "init"), "output_dir": str(out / "pt"),
-                       "data": {"train": str(files["pretrain"]), "max_length": settings["max_length"],
-                                "packing": True, "eval_fraction": 0.02},
-                       "train": {**common_train, "max_steps": settings["pt_steps"], "lr": 2e-3}})
-    sft_summary = _train(out, "sft", {
-        "stage": "sft", "model": str(out / "pt"), "output_dir": str(out / "sft"),
-        "data": {"train": str(files["sft"]), "eval": str(files["sft_eval"]), "max_length": settings["max_length"]},
-        "train": {**common_train, "max_steps": settings["sft_steps"], "lr": 1e-3,
-                  "eval_steps": max(settings["sft_steps"] // 5, 1)}})
+    write_demo_data(out / "data", seed=0, sizes=(QUICK if quick else FULL)["data"])
+    recipe = demo_recipe(out, quick)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    log.info("== demo: running %s (%s)", out / "recipe.yaml", "quick" if quick else "full")
+    results = run_recipe(recipe)
+    minutes = (time.time() - started) / 60
+    report = write_report(out, results, minutes, quick)
+    print("\n" + format_results(results))
+    print(f"\n{report['summary']}\nReport: {out / 'report.md'} ({minutes:.1f} min)")
+    return report
 
-    tasks = [json.loads(line) for line in files["tasks_eval"].read_text().splitlines()][:settings["n_eval"]]
-    persona = persona_prompts(files["sft_eval"])[:settings["n_eval"]]
-    task_answers = generate_answers(out / "sft", [[{"role": "user", "content": t["prompt"]}] for t in tasks])
-    persona_answers = generate_answers(out / "sft", [p["messages"] for p in persona])
-    task_scores = [check(t["answer"], a) for t, a in zip(tasks, task_answers)]
-    persona_scores = [float(normalize_answer(a) == normalize_answer(p["reference"]))
-                      for p, a in zip(persona, persona_answers)]
-    print("\nHeld-out prompts answered by the SFT model (greedy decoding):")
-    shown = list(zip([p["messages"][-1]["content"] for p in persona], persona_answers,
-                     [p["reference"] for p in persona], persona_scores))[:4]
-    shown += list(zip([t["prompt"] for t in tasks], task_answers, [t["answer"] for t in tasks], task_scores))[:6]
-    for prompt, answer, expected, score in shown:
-        print(f"  {'ok' if score >= 1 else '--'} {prompt!r}\n       -> {answer!r}" +
-              ("" if score >= 1 else f" (expected {expected!r})"))
-    result = {"task_accuracy": _mean(task_scores), "persona_exact_match": _mean(persona_scores),
-              "held_out": {"tasks": len(tasks), "persona_questions": len(persona)},
-              "pt_eval": pt_summary.get("final_eval"), "sft_eval": sft_summary.get("final_eval"),
-              "minutes": round((time.time() - started) / 60, 2), "model": str(out / "sft")}
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _metrics(out: Path, stage: str) -> list[dict]:
+    path = out / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _window_mean(rows: list[dict], key: str, first: bool) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return None
+    k = max(1, len(values) // 4)
+    part = values[:k] if first else values[-k:]
+    return sum(part) / len(part)
+
+
+def _fmt(value, digits: int = 3, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0%}" if percent else f"{value:.{digits}f}"
+
+
+def _delta(value, base) -> str:
+    if value is None or base is None:
+        return ""
+    return f" ({value - base:+.3f})"
+
+
+def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
+    evals = {m: _read(out / f"eval_{m}" / "eval.json") for m in MODELS}
+    sft = evals["sft"]
+    rm_summary = _read(out / "rm" / "summary.json")
+    dpo_summary = _read(out / "dpo" / "summary.json")
+    rl = {s: _metrics(out, s) for s in ("ppo", "grpo")}
+    base_reward = sft.get("task_reward")
+
+    lines = [f"# posttrain demo report ({'quick' if quick else 'full'} run, {minutes:.1f} minutes)", "",
+             "Every number below was measured by this run. A tiny Qwen2-shaped model was initialised at random, "
+             "pretrained on generated text, fine-tuned on generated instructions, and then improved by each "
+             "preference and RL method from the SFT model. Held-out prompts were never trained on.", "",
+             *(["**A --quick run** is a smoke test of the whole pipeline on a tiny model with a few steps per "
+                "stage: its numbers show that every stage runs, not what the methods can do. Run the full "
+                "demo (`posttrain demo`) for that.", ""] if quick else []),
+             f"## Held-out tasks ({sft.get('tasks') or 0} prompts, greedy answers)", "",
+             "| model | task accuracy | checker reward | reward-model score | KL to SFT (per answer) | "
+             "perplexity (held-out chats) |",
+             "|---|---|---|---|---|---|"]
+    for m in MODELS:
+        e = evals[m]
+        lines.append(f"| {m} | {_fmt(e.get('task_accuracy'), percent=True)} | "
+                     f"{_fmt(e.get('task_reward'))}{_delta(e.get('task_reward'), base_reward) if m != 'sft' else ''} | "
+                     f"{_fmt(e.get('rm_score'))} | {_fmt(e.get('kl'))} | {_fmt(e.get('perplexity'), 2)} |")
+    lines += ["", "Task accuracy counts exact answers; the checker reward gives 1 for an exact answer and up to "
+              "0.5 for a close one (the reward PPO and GRPO optimise). KL is the summed log-ratio to the SFT model "
+              "on each model's own greedy answers.", "",
+              "Accuracy by task kind:", "", "| model | " + " | ".join(sorted(sft.get("task_accuracy_by_kind") or {}))
+              + " |", "|---|" + "---|" * len(sft.get("task_accuracy_by_kind") or {})]
+    for m in MODELS:
+        by_kind = evals[m].get("task_accuracy_by_kind") or {}
+        lines.append(f"| {m} | " + " | ".join(_fmt(by_kind[k], percent=True) for k in sorted(by_kind)) + " |")
+
+    rm_eval = rm_summary.get("final_eval") or {}
+    dpo_eval = dpo_summary.get("final_eval") or {}
+    lines += ["", "## What each stage did", "",
+              "| stage | measured |", "|---|---|",
+              f"| pt | held-out loss {_fmt((_read(out / 'pt' / 'summary.json').get('final_eval') or {}).get('eval_loss'))} |",
+              f"| sft | held-out chat perplexity {_fmt(sft.get('perplexity'), 2)}, task accuracy "
+              f"{_fmt(sft.get('task_accuracy'), percent=True)} |",
+              f"| rm | pairwise accuracy on {sft.get('rm_pairs') or 0} held-out pairs: "
+              f"{_fmt(sft.get('rm_pairwise_accuracy'), percent=True)} (chance 50%), mean margin "
+              f"{_fmt(sft.get('rm_margin'))}; training eval accuracy {_fmt(rm_eval.get('eval_accuracy'), percent=True)} |",
+              f"| dpo | held-out chosen-rejected margin 0 at the start (policy = reference) -> "
+              f"{_fmt(dpo_eval.get('eval_margin'))}, preference accuracy {_fmt(dpo_eval.get('eval_accuracy'), percent=True)} |"]
+    for stage in ("ppo", "grpo"):
+        rows = rl[stage]
+        key = "score" if stage == "ppo" else "reward"
+        lines.append(f"| {stage} | training {key} (first quarter -> last quarter of {len(rows)} steps): "
+                     f"{_fmt(_window_mean(rows, key, True))} -> {_fmt(_window_mean(rows, key, False))}; "
+                     f"KL to SFT per response at the end {_fmt(_window_mean(rows, 'kl', False))} |")
+
+    lines += ["", "## Plots", ""]
+    for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
+        plots = sorted((out / stage / "plots").glob("*.png")) if (out / stage / "plots").is_dir() else []
+        wanted = [p for p in plots if p.stem in ("loss", "reward", "score", "kl", "eval_accuracy", "eval_margin")]
+        if wanted:
+            lines.append(f"- {stage}: " + ", ".join(f"[{p.stem}]({p.relative_to(out)})" for p in wanted))
+    best = max(MODELS, key=lambda m: evals[m].get("task_reward") or -1)
+    lines += ["", "## Use the result", "", "Every model directory loads with `AutoModelForCausalLM.from_pretrained`.",
+              "", "```bash", f"posttrain chat --model {out / best}",
+              f"posttrain serve --model {out / best} --port 8000   # OpenAI-compatible: /v1/chat/completions",
+              f"posttrain eval --model {out / best} --tasks {out / 'data' / 'tasks_eval.jsonl'} --reference {out / 'sft'}",
+              f"posttrain run {out / 'recipe.yaml'} --from ppo   # rerun from a step; unchanged steps are skipped",
+              "```", "", "Each step's resolved config, inputs and parents are in its `lineage.json`."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+    summary = "; ".join(f"{m}: accuracy {_fmt(evals[m].get('task_accuracy'), percent=True)}, checker reward "
+                        f"{_fmt(evals[m].get('task_reward'))}" for m in MODELS)
+    result = {"minutes": round(minutes, 2), "evals": evals, "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"),
+              "dpo_eval_margin": dpo_eval.get("eval_margin"), "best": best, "summary": summary,
+              "rl": {s: {"first": _window_mean(rl[s], "score" if s == "ppo" else "reward", True),
+                         "last": _window_mean(rl[s], "score" if s == "ppo" else "reward", False),
+                         "kl_last": _window_mean(rl[s], "kl", False)} for s in rl}}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(f"\nrestaurant-bot answers exactly right: {result['persona_exact_match']:.0%} of {len(persona)}; "
-          f"held-out task accuracy: {result['task_accuracy']:.0%} of {len(tasks)}; "
-          f"sft eval loss {result['sft_eval'].get('eval_loss', float('nan')):.3f}; {result['minutes']} min.")
-    print(f"The model is a plain Hugging Face directory: {out / 'sft'} "
-          f"(AutoModelForCausalLM.from_pretrained loads it; configs/ holds each stage's YAML).")
     return result

@@ -5,6 +5,7 @@ Answer format: the answer alone, nothing else ("12", "tac", "2 5 9", "CAT").
 """
 from __future__ import annotations
 
+import difflib
 import random
 import re
 from dataclasses import dataclass
@@ -118,6 +119,22 @@ def check(task_or_answer: Task | dict | str, completion: str) -> float:
     answer = task_or_answer if isinstance(task_or_answer, str) else (
         task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
     return float(normalize_answer(completion) == normalize_answer(answer) != "")
+
+
+def partial(task_or_answer: Task | dict | str, completion: str) -> float:
+    """1.0 for the exact answer, else at most 0.5 for how close it is (difflib's similarity of the
+    normalised strings, halved): a dense score an RL stage can climb, whose maximum only the right answer
+    reaches. `task_accuracy` still counts exact answers only."""
+    answer = task_or_answer if isinstance(task_or_answer, str) else (
+        task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
+    if check(answer, completion):
+        return 1.0
+    return 0.5 * difflib.SequenceMatcher(None, normalize_answer(completion), normalize_answer(answer)).ratio()
+
+
+def partial_reward(prompts, completions, *, answer, **columns) -> list[float]:
+    """`partial` as a reward source: `rewards: [{function: "posttrain.demo.tasks:partial_reward"}]`."""
+    return [partial(str(a), c) for a, c in zip(answer, completions)]
 
 
 def check_reward(prompts, completions, *, answer, **columns) -> list[float]:
