@@ -83,7 +83,8 @@ def test_grpo_raises_the_reward_with_bounded_kl(tiny_model, rl_files, tmp_path):
     run_cli("train", config)
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
-    for key in ("reward", "reward_std", "reward/vowels", "kl", "entropy", "response_length", "clip_fraction"):
+    for key in ("reward", "reward_std", "reward/vowels", "kl", "entropy", "response_length", "clip_fraction",
+                "time/generate", "time/score", "time/logprobs", "time/update"):
         assert all(key in r for r in rows), key
     first, last = mean(rows[:5], "reward"), mean(rows[-5:], "reward")
     assert last > first + 0.08, (first, last)

@@ -21,12 +21,12 @@ from .data import write_demo_data
 
 log = logging.getLogger("posttrain")
 
-FULL = {"data": {"pretrain": 4000, "sft": 4000, "tasks": 1000, "tasks_eval": 100},
+FULL = {"data": {"pretrain": 4000, "sft": 4000, "tasks": 400, "tasks_eval": 100},
         "vars": {}}  # the recipe's own vars are the full run
 QUICK = {"data": {"pretrain": 600, "sft": 800, "tasks": 48, "tasks_eval": 16},
          "vars": {"size": "tiny", "vocab": 1024, "max_length": 128, "pt_steps": 30, "sft_steps": 60,
                   "batch_size": 8, "rm_steps": 10, "dpo_steps": 6, "ppo_steps": 3, "grpo_steps": 3,
-                  "rl_prompts": 4, "n_eval": 16}}
+                  "ppo_prompts": 4, "grpo_prompts": 2, "n_eval": 16}}
 MODELS = ("sft", "dpo", "ppo", "grpo")
 
 

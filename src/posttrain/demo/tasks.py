@@ -121,15 +121,27 @@ def check(task_or_answer: Task | dict | str, completion: str) -> float:
     return float(normalize_answer(completion) == normalize_answer(answer) != "")
 
 
+def _shape(text: str) -> str:
+    """The answer's form: each character as d (digit), a (lower case), A (upper case) or itself."""
+    return "".join("d" if c.isdigit() else "a" if c.islower() else "A" if c.isupper() else c for c in text)
+
+
 def partial(task_or_answer: Task | dict | str, completion: str) -> float:
-    """1.0 for the exact answer, else at most 0.5 for how close it is (difflib's similarity of the
-    normalised strings, halved): a dense score an RL stage can climb, whose maximum only the right answer
-    reaches. `task_accuracy` still counts exact answers only."""
+    """A graded checker: 1.0 for the exact answer, else at most 0.5 for a well-formed, close one:
+    0.5 * (0.4 * similarity of the strings + 0.3 * similarity of their forms (digits, lower / upper case
+    letters, spaces: the right kind and number of items) + 0.3 * closeness of their lengths). Only the
+    right answer reaches 1; `task_accuracy` still counts exact answers only."""
     answer = task_or_answer if isinstance(task_or_answer, str) else (
         task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
     if check(answer, completion):
         return 1.0
-    return 0.5 * difflib.SequenceMatcher(None, normalize_answer(completion), normalize_answer(answer)).ratio()
+    got, want = normalize_answer(completion), normalize_answer(answer)
+    if not got or not want:
+        return 0.0
+    same = difflib.SequenceMatcher(None, got, want).ratio()
+    form = difflib.SequenceMatcher(None, _shape(got), _shape(want)).ratio()
+    length = max(0.0, 1.0 - abs(len(got) - len(want)) / len(want))
+    return 0.5 * (0.4 * same + 0.3 * form + 0.3 * length)
 
 
 def partial_reward(prompts, completions, *, answer, **columns) -> list[float]:

@@ -12,6 +12,8 @@ reference, when a reference is tracked), entropy, response_length, no_eos_fracti
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..losses import aggregate, group_advantages, kl_k1, kl_k3, ppo_policy_loss
@@ -31,6 +33,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     cfg, acc, temperature = ctx.config.grpo, trainer.accelerator, ctx.config.generation.temperature
     G = cfg.num_generations
     ro = online.rollout(trainer, ctx, prompts, G, cfg.missing_eos_penalty)
+    rolled_out = time.perf_counter()
     advantages = group_advantages(ro.scores, G, cfg.baseline, cfg.scale)
     n = len(ro.sequences)
     micro = trainer.train_cfg.batch_size * G
@@ -51,6 +54,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
         old_logps = online.split_tokens(torch.cat(old), ro.response_tokens) if old else None
         ref_logps = online.split_tokens(torch.cat(ref), ro.response_tokens) if ref else None
 
+    prepared = time.perf_counter()
     sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl_k3": 0.0, "tokens": 0.0}
     first_pass_logps: list[torch.Tensor | None] = [None] * n
     grad_norm, updates = 0.0, 0
@@ -88,6 +92,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
             grad_norm = online.optimizer_update(trainer)
             updates += 1
     trainer.scheduler.step()
+    timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
     tokens = max(sums["tokens"], 1.0)
     metrics = {"reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std()) if n > 1 else 0.0,
@@ -97,7 +102,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
         sampled = old_logps or first_pass_logps
         metrics["kl"] = sum(float(kl_k1(sampled[i], ref_logps[i]).sum()) for i in range(n)) / n
         metrics["kl_k3"] = sums["kl_k3"] / tokens
-    metrics = online.mean_over_processes(trainer, metrics)
+    metrics = online.mean_over_processes(trainer, {**metrics, **timing})
     loss = sums["loss"] / max(updates, 1)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": int(total_tokens(trainer, ro)), "metrics": metrics}
 

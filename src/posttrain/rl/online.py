@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -245,6 +246,7 @@ def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eo
         params.temperature, params.n = 0.0, 1
     size = config.generation.batch_size or len(prompts)
     completions = []
+    started = time.perf_counter()
     with trainer.accelerator.autocast():
         for start in range(0, len(prompts), size):
             chunk = [p["input_ids"] for p in prompts[start:start + size]]
@@ -258,6 +260,7 @@ def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eo
     texts = [c.text for c in completions]
     names = [f"prompt {p['location']}" + (f" (sample {i % n + 1} of {n})" if n > 1 else "")
              for i, p in enumerate(expanded)]
+    generated = time.perf_counter()
     values, metrics = score(ctx.sources, [p["prompt"] for p in expanded], texts, columns, names=names,
                             skip_invalid=getattr(getattr(config, config.stage), "skip_invalid_rewards", False))
     no_eos = [c.finish_reason == "length" for c in completions]
@@ -266,7 +269,8 @@ def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eo
         scores = scores + missing_eos_penalty * torch.tensor(no_eos, dtype=torch.float32)
     lengths = [len(c.token_ids) for c in completions]
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    metrics.update(response_length=sum(lengths) / len(lengths), no_eos_fraction=sum(no_eos) / len(no_eos))
+    metrics.update(response_length=sum(lengths) / len(lengths), no_eos_fraction=sum(no_eos) / len(no_eos),
+                   **{"time/generate": generated - started, "time/score": time.perf_counter() - generated})
     return Rollout(expanded, sequences, lengths, [c.finish_reason for c in completions], texts, scores, metrics)
 
 

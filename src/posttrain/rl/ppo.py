@@ -12,6 +12,8 @@ directory) trained with the same optimizer; only the policy is written to output
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -80,6 +82,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     temperature = ctx.config.generation.temperature
     beta = trainer.state.stage_state.get("kl_coef", cfg.kl_coef)
     ro = online.rollout(trainer, ctx, prompts, 1, cfg.missing_eos_penalty)
+    rolled_out = time.perf_counter()
     n, micro, model = len(ro.sequences), trainer.train_cfg.batch_size, trainer.model
     actor = online.unwrap(model)
 
@@ -110,6 +113,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     adv_rows = [advantages[i, :L] for i, L in enumerate(ro.response_tokens)]
     ret_rows = [returns[i, :L] for i, L in enumerate(ro.response_tokens)]
 
+    prepared = time.perf_counter()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
             "approx_kl": 0.0, "tokens": 0.0}
     grad_norm = 0.0
@@ -136,6 +140,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
                 sums["tokens"] += float(len(logps))
             grad_norm = online.optimizer_update(trainer)
     trainer.scheduler.step()
+    timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
     tokens = max(sums["tokens"], 1.0)
     kl_per_response = kl.sum(1)
@@ -151,7 +156,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
                "clip_fraction": sums["clip_fraction"] / tokens, "approx_kl": sums["approx_kl"] / tokens,
                "value_clip_fraction": sums["value_clip_fraction"] / tokens,
                "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask))}
-    metrics = online.mean_over_processes(trainer, metrics)
+    metrics = online.mean_over_processes(trainer, {**metrics, **timing})
     if cfg.adaptive_kl:
         n_total = int(online.total_over_processes(trainer, n))
         trainer.state.stage_state["kl_coef"] = adaptive_kl_coef(beta, metrics["kl"], cfg.target_kl, n_total,
