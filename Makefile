@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/sft.py
 	$(PY) benchmarks/dpo.py
 	$(PY) benchmarks/rm.py
+	$(PY) benchmarks/grpo.py
 	$(PY) benchmarks/serve.py
 
 docs: install
