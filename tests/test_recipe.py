@@ -168,3 +168,18 @@ def test_example_recipe_is_valid(tmp_path):
     steps = resolve(Path(__file__).parents[1] / "examples" / "recipe.yaml", out=tmp_path)
     assert [s.kind for s in steps][:2] == ["init-model", "train"]
     assert all(str(s.output).startswith(str(tmp_path)) for s in steps)
+
+
+def test_rank_tie_within_makes_near_equal_scores_ties(tmp_path):
+    candidates = write_jsonl(tmp_path / "candidates.jsonl", [
+        {"prompt": "Say hi", "responses": ["x" * 10, "x" * 11, "x" * 20, "x" * 2]},
+        {"prompt": "Say hi", "responses": ["x" * 10, "x" * 10]}])
+    length = [{"builtin": "length", "target": 20}]  # scores 0.5, 0.55, 1.0, 0.1 and 0.5, 0.5
+    plain = rank_file(str(candidates), str(tmp_path / "plain.jsonl"), length)
+    assert [json.loads(line)["ranks"] for line in (tmp_path / "plain.jsonl").read_text().splitlines()] == \
+        [[1, 2, 3, 4], [1, 1]]
+    assert plain["all_tied"] == 1
+    coarse = rank_file(str(candidates), str(tmp_path / "coarse.jsonl"), length, tie_within=0.2)
+    rows = [json.loads(line) for line in (tmp_path / "coarse.jsonl").read_text().splitlines()]
+    assert rows[0]["ranks"] == [1, 2, 2, 3] and rows[0]["scores"] == pytest.approx([1.0, 0.55, 0.5, 0.1])
+    assert coarse["all_tied"] == 1

@@ -27,6 +27,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -80,6 +81,7 @@ class RankStep(_Keys):
     input: str
     rewards: list[dict]
     skip_invalid: bool = False
+    tie_within: float = 0.0
 
 
 class PairsStep(_Keys):
@@ -135,7 +137,8 @@ def _run_generate(cfg: dict, out: Path) -> dict:
 
 
 def _run_rank(cfg: dict, out: Path) -> dict:
-    return rank_file(cfg["input"], str(out), cfg["rewards"], skip_invalid=cfg["skip_invalid"])
+    return rank_file(cfg["input"], str(out), cfg["rewards"], skip_invalid=cfg["skip_invalid"],
+                     tie_within=cfg["tie_within"])
 
 
 PER_RESPONSE = ("finish_reasons", "logprobs")  # generate's per-response columns, reordered with the responses
@@ -149,10 +152,12 @@ def _prompt_text(prompt) -> str:
     return str(prompt)
 
 
-def rank_file(candidates: str, out: str, rewards: list[dict], skip_invalid: bool = False) -> dict:
+def rank_file(candidates: str, out: str, rewards: list[dict], skip_invalid: bool = False,
+              tie_within: float = 0.0) -> dict:
     """Order each row's responses best to worst by the reward sources (the stand-in for human rankers) and
     write rankings rows {prompt, responses, ranks, scores, ...}: equal scores share a rank (a tie), the
-    format `posttrain data pairs` reads."""
+    format `posttrain data pairs` reads. With `tie_within` > 0 scores are compared by bins of that width
+    (floor(score / tie_within)), so answers that score almost the same tie instead of making a noisy pair."""
     from .data.sources import read_rows
     from .errors import DataError
     from .rl.rewards import build_sources, score
@@ -173,11 +178,12 @@ def rank_file(candidates: str, out: str, rewards: list[dict], skip_invalid: bool
     for row in rows:
         k = len(row.data["responses"])
         scores, start = totals[start:start + k], start + k
-        order = sorted(range(k), key=lambda i: -scores[i])  # stable: equal scores keep their sampled order
+        level = [math.floor(v / tie_within + 1e-9) if tie_within > 0 else v for v in scores]
+        order = sorted(range(k), key=lambda i: (-level[i], -scores[i]))  # stable: equal scores keep sampled order
         ranks = [1]
         for a, b in zip(order, order[1:]):
-            ranks.append(ranks[-1] + (scores[b] != scores[a]))
-        tied += ranks[-1] == 0
+            ranks.append(ranks[-1] + (level[b] != level[a]))
+        tied += ranks[-1] == 1
         record = {"prompt": row.data["prompt"], "responses": [row.data["responses"][i] for i in order],
                   "ranks": ranks, "scores": [scores[i] for i in order],
                   **{key: v for key, v in row.data.items() if key not in skip}}

@@ -94,7 +94,11 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
     rl = {s: _metrics(out, s) for s in ("ppo", "grpo")}
     base_reward = sft.get("task_reward")
 
-    lines = [f"# posttrain demo report ({'quick' if quick else 'full'} run, {minutes:.1f} minutes)", "",
+    step_minutes = sum(_read(Path(r["lineage"])).get("runtime_s", 0.0) for r in results.values()) / 60
+    skipped = [name for name, r in results.items() if r["skipped"]]
+    timing = (f"{step_minutes:.1f} minutes of steps" + (f"; this run {minutes:.1f} minutes, reusing {', '.join(skipped)} "
+              "(unchanged since an earlier run)" if skipped else ""))
+    lines = [f"# posttrain demo report ({'quick' if quick else 'full'} run, {timing})", "",
              "Every number below was measured by this run. A tiny Qwen2-shaped model was initialised at random, "
              "pretrained on generated text, fine-tuned on generated instructions, and then improved by each "
              "preference and RL method from the SFT model. Held-out prompts were never trained on.", "",
@@ -155,7 +159,7 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
 
     summary = "; ".join(f"{m}: accuracy {_fmt(evals[m].get('task_accuracy'), percent=True)}, checker reward "
                         f"{_fmt(evals[m].get('task_reward'))}" for m in MODELS)
-    result = {"minutes": round(minutes, 2), "evals": evals, "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"),
+    result = {"minutes": round(minutes, 2), "step_minutes": round(step_minutes, 2), "evals": evals, "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"),
               "dpo_eval_margin": dpo_eval.get("eval_margin"), "best": best, "summary": summary,
               "rl": {s: {"first": _window_mean(rl[s], "score" if s == "ppo" else "reward", True),
                          "last": _window_mean(rl[s], "score" if s == "ppo" else "reward", False),
