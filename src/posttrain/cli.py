@@ -12,9 +12,10 @@ from .errors import PosttrainError
 
 def _train(args) -> None:
     from .config import load_config
+
+    config = load_config(args.config, args.overrides)  # config errors come before the slow imports below
     from .train import run_training
 
-    config = load_config(args.config, args.overrides)
     summary = run_training(config)
     final = summary.get("final_eval") or {}
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
@@ -79,7 +80,8 @@ def _serve(args) -> None:
     from .serve import serve
 
     serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
-          chat_template=args.chat_template, dtype=args.dtype)
+          chat_template=args.chat_template, dtype=args.dtype, batch_window_ms=args.batch_window_ms,
+          max_batch_wait_ms=args.max_batch_wait_ms)
 
 
 def _chat(args) -> None:
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--batch-window-ms", type=float, default=10,
+                   help="a batch waits this long after the latest request for more to join")
+    p.add_argument("--max-batch-wait-ms", type=float, default=50, help="... and at most this long in all")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal, streamed (/reset, /exit)")
@@ -256,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "accelerate", "peft", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it too, when it is imported
     try:
         args.func(args)
     except PosttrainError as exc:
