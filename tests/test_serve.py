@@ -56,7 +56,10 @@ def server(varied_model, adapters, tmp_path_factory):  # noqa: F811
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(varied_model), "--port", str(port),
-               "--api-key", KEY, *[f"--lora={name}={path}" for name, path in adapters.items()]]
+               "--api-key", KEY, *[f"--lora={name}={path}" for name, path in adapters.items()],
+               # a wider batching window than the default 10 ms: on a loaded CI machine, threads started
+               # together can reach the server further apart than that
+               "--batch-window-ms", "50", "--max-batch-wait-ms", "500"]
     with open(log, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
@@ -260,13 +263,20 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_the_same_answers(clie
     alone = [ask(p) for p in prompts]
     before = get(server + "/health")[1]["largest_batch"]
     together: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i, p=p: together.__setitem__(i, ask(p))) for i, p in enumerate(prompts)]
+    start = threading.Barrier(len(prompts))
+
+    def ask_together(i, prompt):
+        start.wait()
+        together[i] = ask(prompt)
+
+    threads = [threading.Thread(target=ask_together, args=(i, p)) for i, p in enumerate(prompts)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert [together[i] for i in range(len(prompts))] == alone
-    assert get(server + "/health")[1]["largest_batch"] > max(before, 1)
+    largest = get(server + "/health")[1]["largest_batch"]
+    assert largest > max(before, 1), f"largest batch {largest}, before this test {before}"
 
 
 def test_api_key_is_required_on_v1_routes(server, varied_model):  # noqa: F811

@@ -50,7 +50,8 @@ def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", ch
 
 
 def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          chat_template: str | None = None, dtype: str = "float32") -> None:
+          chat_template: str | None = None, dtype: str = "float32", batch_window_ms: float = 10,
+          max_batch_wait_ms: float = 50) -> None:
     import uvicorn
 
     from .app import Server, create_app
@@ -58,7 +59,10 @@ def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 800
     adapters = parse_loras(loras)
     if model in adapters:
         raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
-    server = Server(load_engine(model, adapters, dtype, chat_template), model, adapters, api_key=api_key)
+    if batch_window_ms < 0 or max_batch_wait_ms < batch_window_ms:
+        raise ConfigError("--batch-window-ms must be >= 0 and --max-batch-wait-ms at least as long")
+    server = Server(load_engine(model, adapters, dtype, chat_template), model, adapters, api_key=api_key,
+                    batch_window_s=batch_window_ms / 1000, max_batch_wait_s=max_batch_wait_ms / 1000)
     names = ", ".join(server.names())
     log.info(f"serving {names} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)

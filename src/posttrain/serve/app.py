@@ -28,7 +28,8 @@ log = logging.getLogger("posttrain")
 class Server:
     """What the routes need: the engine (shared with the batcher), the served names and the limits."""
 
-    def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None):
+    def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None,
+                 batch_window_s: float = 0.01, max_batch_wait_s: float = 0.05):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.base_name = base_name
@@ -38,7 +39,8 @@ class Server:
         self.context_length = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                                or 2048)
         self.vocab_size = config.vocab_size
-        self.batcher = Batcher(engine, base_name, list(adapters))
+        self.batcher = Batcher(engine, base_name, list(adapters), window_s=batch_window_s,
+                               max_wait_s=max_batch_wait_s)
 
     # ------------------------------------------------------------------ checks shared by the routes
 
