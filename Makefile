@@ -21,7 +21,7 @@ demo-quick: install
 	$(VENV)/bin/posttrain demo --quick --out demo-out-quick
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 bench: install
 	$(PY) benchmarks/sft.py
