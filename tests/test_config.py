@@ -37,6 +37,14 @@ def test_wrong_types_and_combinations_are_named():
         build_config(minimal(adapter={"type": "lora"}, freeze={"trainable_layers": 1}))
 
 
+def test_length_grouping_defaults_on_except_for_online_rl():
+    assert build_config(minimal()).train.group_by_length is True
+    grpo = minimal(stage="grpo", rewards=[{"function": "posttrain.demo.tasks:check_reward"}])
+    assert build_config(grpo).train.group_by_length is False
+    assert build_config({**grpo, "train": {"group_by_length": True}}).train.group_by_length is True
+    assert build_config(minimal(train={"group_by_length": False})).train.group_by_length is False
+
+
 def test_dotted_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage: sft\nmodel: m\noutput_dir: o\ndata: {train: x.jsonl}\n")

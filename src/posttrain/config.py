@@ -82,8 +82,11 @@ class TrainConfig(Section):
         False, description="bf16 autocast; weights and optimizer stay fp32. `auto`: on where bf16 is fast (a GPU "
                            "that supports it, a CPU with AMX or AVX512-BF16), off elsewhere (on a CPU without "
                            "them bf16 is emulated and many times slower than fp32).")
-    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding); "
-                                                    "batches are shuffled.")
+    group_by_length: bool | None = Field(
+        None, description="Batch examples of similar length together (less padding); batches are shuffled. "
+                          "Default: on, except for ppo and grpo, whose prompt batches are drawn at random (the "
+                          "padding saved is small next to generation, and prompts of one length are often one "
+                          "kind of task: a whole batch of easy or of hard prompts).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     log_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end). "
@@ -284,6 +287,8 @@ class Config(Section):
                 and reference != "precompute"):
             raise ValueError("dpo.prefix_sharing needs dpo.reference: precompute (or a reference-free loss: "
                              "simpo, orpo)")
+        if self.train.group_by_length is None:
+            self.train.group_by_length = self.stage not in ("ppo", "grpo")
         if self.stage in ("ppo", "grpo"):
             if not self.rewards:
                 raise ValueError(f"stage {self.stage} needs `rewards:` (a list of reward sources)")
