@@ -18,6 +18,9 @@ def test_init_model_cli_writes_a_loadable_model(tmp_path):
     assert "llama/tiny" in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(tokenizer)
+    # digits are single tokens even where the corpus repeats a number ("0123456789" is in it ten times)
+    assert tokenizer.tokenize("0123456789") == list("0123456789")
+    assert tokenizer.decode(tokenizer("It costs 128.")["input_ids"]) == "It costs 128."
     missing = run_cli("init-model", "--tokenizer-corpus", tmp_path / "nope.txt", "--out", out, check=False)
     assert missing.returncode != 0 and "nope.txt" in missing.stderr
 

@@ -44,6 +44,7 @@ CHAT_TEMPLATE = (
 SIZES = {
     # name: hidden, layers, heads, kv heads, intermediate
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+    "mini": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
     "small": dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768),
     "base": dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536),
 }
@@ -51,9 +52,12 @@ ARCHS = ("qwen2", "llama", "gpt2")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on `texts`, with the chat template and special tokens the project relies on."""
+    """Byte-level BPE on `texts`, with the chat template and special tokens the project relies on. Digits
+    are single tokens (as in Qwen2's and Llama's tokenizers): "128" is 1, 2, 8, so arithmetic is learnt
+    digit by digit instead of one token per number."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
