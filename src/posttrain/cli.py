@@ -70,7 +70,8 @@ def _eval(args) -> None:
     result = evaluate(args.model, adapter=args.adapter, tasks=args.tasks, data=args.data, pairs=args.pairs,
                       reward_model=args.reward_model, reference=args.reference, max_new_tokens=args.max_new_tokens,
                       n_samples=args.n_samples, batch_size=args.batch_size, max_length=args.max_length,
-                      checker=args.checker, chat_template=args.chat_template, generations_out=args.generations)
+                      checker=args.checker, chat_template=args.chat_template, generations_out=args.generations,
+                      samples=args.samples, temperature=args.temperature, seed=args.seed)
     print(format_result(result))
     if args.out:
         print(f"-> {write_result(result, args.out)}")
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", help="write each prompt's answer and scores as JSONL to this file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--n-samples", type=int, help="evaluate only the first N task prompts")
+    p.add_argument("--samples", type=int, default=0,
+                   help="also sample K answers per task prompt: sampled_accuracy / sampled_reward")
+    p.add_argument("--temperature", type=float, default=1.0, help="for --samples")
+    p.add_argument("--seed", type=int, default=0, help="for --samples")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
@@ -229,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")
-    p.add_argument("--size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="tiny")
     p.add_argument("--tokenizer-corpus", nargs="+", required=True, help="text file(s) to train the tokenizer on")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,9 @@ call it. Each metric needs its own input and is None when that input is not give
 
 * tasks (rows `{prompt, answer, kind}`, like the demo's tasks_eval.jsonl): one greedy answer per prompt
   from the generation engine; `task_accuracy` is the share the checker scores 1, `task_reward` the mean
-  checker score, `task_accuracy_by_kind` the accuracy per `kind`;
+  checker score, `task_accuracy_by_kind` the accuracy per `kind`; with `samples` K > 0, also K answers
+  per prompt sampled at `temperature` (seeded): `sampled_accuracy` and `sampled_reward`, the same means over
+  every sample, what RL optimises (it can sharpen the sampled answers without moving the greedy one);
 * reward model (a `stage: rm` output): `rm_score`, the mean reward of those answers; with pairs
   (prompt/chosen/rejected), `rm_pairwise_accuracy` (share with r_chosen > r_rejected) and `rm_margin`;
 * reference model: KL(policy || reference) on the policy's own answers, the k1 estimator summed over each
@@ -43,6 +45,7 @@ from .stages.lm import lm_evaluate, response_logps
 log = logging.getLogger("posttrain")
 
 METRICS = ("tasks", "task_accuracy", "task_reward", "task_accuracy_by_kind", "response_tokens", "truncated",
+           "sampled_accuracy", "sampled_reward", "samples",
            "rm_score", "rm_pairwise_accuracy", "rm_margin", "rm_pairs", "kl", "kl_per_token",
            "perplexity", "eval_loss", "perplexity_tokens")
 
@@ -51,10 +54,13 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
              pairs: str | None = None, reward_model: str | None = None, reference: str | None = None,
              max_new_tokens: int = 64, n_samples: int | None = None, batch_size: int = 16,
              max_length: int = 1024, checker: str | Callable | None = None, chat_template: str | None = None,
-             generations_out: str | None = None) -> dict:
+             generations_out: str | None = None, samples: int = 0, temperature: float = 1.0,
+             seed: int = 0) -> dict:
     """Every metric the inputs allow (see the module docstring); the others are None."""
     if batch_size < 1 or (n_samples is not None and n_samples < 1):
         raise ConfigError("eval: batch_size and n_samples must be at least 1")
+    if samples < 0 or not temperature > 0:
+        raise ConfigError("eval: samples must be >= 0 and temperature > 0")
     if pairs and not reward_model:
         raise ConfigError("eval: pairwise accuracy on pairs needs a reward model (--reward-model)")
     if not (tasks or data or pairs):
@@ -66,6 +72,9 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
         rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size)
         metrics, checks = _task_metrics(rows, completions, _checker(checker))
         result.update(metrics)
+        if samples:
+            result.update(_sampled(engine, rows, prompts, _checker(checker), samples, temperature, seed,
+                                   max_new_tokens, batch_size))
     policy_logps = _logps(engine.model, engine.tokenizer.pad_token_id, prompts, completions, batch_size) \
         if reference and completions else None
     if data:
@@ -105,6 +114,23 @@ def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | Non
             completions[chosen[completion.prompt_index]] = completion
     log.info("eval: answered %d prompts (greedy, at most %d new tokens)", len(rows), max_new_tokens)
     return rows, token_prompts, completions
+
+
+def _sampled(engine: Engine, rows, token_prompts, checker, samples: int, temperature: float, seed: int,
+             max_new_tokens: int, batch_size: int) -> dict:
+    """`samples` answers per prompt at `temperature`, each batch seeded (seed + its index): the checker's
+    mean accuracy and score over all of them."""
+    scores = []
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed + b)
+        chosen = range(start, min(start + batch_size, len(rows)))
+        for c in engine.generate([token_prompts[i] for i in chosen], params):
+            answer = rows[chosen[c.prompt_index]][0].data.get("answer")
+            if answer is not None:
+                scores.append(float(checker(answer, c.text)))
+    log.info("eval: %d sampled answers per prompt at temperature %g", samples, temperature)
+    return {"samples": samples, "sampled_accuracy": _mean([s >= 1.0 for s in scores]),
+            "sampled_reward": _mean(scores)}
 
 
 def _checker(spec: str | Callable | None) -> Callable[[str, str], float]:

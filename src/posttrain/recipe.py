@@ -108,6 +108,9 @@ class EvalStep(_Keys):
     batch_size: int = 16
     max_length: int = 1024
     checker: str | None = None
+    samples: int = 0
+    temperature: float = 1.0
+    seed: int = 0
 
 
 def _run_init_model(cfg: dict, out: Path) -> dict:
