@@ -109,6 +109,10 @@ def test_eval_does_not_overlap_train(demo):
     assert len({r["prompt"] for r in eval_tasks}) == len(eval_tasks)
     small_talk = {"Hello!", "Hi there.", "Thanks!", "Thank you, that helps."}
     assert not (user_texts(read_jsonl(demo["sft_eval"])) - small_talk) & train_prompts
+    pretrain_lines = set(demo["pretrain"].read_text(encoding="utf-8").splitlines())
+    assert not {line.split(": ", 1)[1] for line in pretrain_lines if line.startswith(("Q: ", "Question: "))} & {
+        r["prompt"] for r in eval_tasks}
+    assert any(line.startswith("Q: ") for line in pretrain_lines)  # worked examples are there
     eval_texts = {r["text"] for r in read_csv(demo["classify_eval"])}
     assert len(eval_texts) == SIZES["classify_eval"]
     assert not eval_texts & {r["text"] for r in read_csv(demo["classify"])}

@@ -4,7 +4,8 @@ Everything here is made from templates written for this project:
 
 * verifiable tasks (`make_tasks`, `check`, from tasks.py): arithmetic, reversing, sorting, lookup, uppercase;
 * a helper bot for an invented restaurant, "Pebble & Pine" (`SYSTEM_PROMPT`, `make_sft_rows`);
-* raw text for continued pretraining (`make_pretraining_text`);
+* raw text for continued pretraining (`make_pretraining_text`): about half worked task examples ("Q: ...
+  A: ..."), the rest restaurant facts, number sentences, word facts, stories, reviews;
 * review sentiment for classification (`make_classification_rows`);
 * `write_demo_data`, which writes all of it, with held-out eval files, to a directory.
 
@@ -131,10 +132,13 @@ def _questions(row: dict) -> list[str]:
     return [m["content"] for m in row["messages"] if m["role"] == "user" and m["content"] not in SMALL_TALK]
 
 
+TASK_SHARE = 0.7  # of SFT rows: verifiable tasks; the rest are restaurant chats
+
+
 def _chat(rng: random.Random, task_rng: random.Random, multi_turn: bool = True) -> dict:
     turns: list[tuple[str, str]] = []
     multi = multi_turn and rng.random() < 0.25
-    if rng.random() < 0.5:  # a task; answered with the answer alone
+    if rng.random() < TASK_SHARE:  # a task; answered with the answer alone
         for _ in range(2 if multi else 1):
             t = _task(rng.choice(KINDS), task_rng)
             turns.append((t.prompt, t.answer))
@@ -154,8 +158,8 @@ def _chat(rng: random.Random, task_rng: random.Random, multi_turn: bool = True) 
 
 def make_sft_rows(n: int, seed: Seed = 0, *, exclude: Iterable[str] = (), unique: bool = False,
                   multi_turn: bool = True) -> list[dict]:
-    """`n` OpenAI-style rows {"messages": [...]}: about half tasks, half restaurant chats (with the
-    system prompt); a quarter are multi-turn. Rows asking anything in `exclude` are skipped."""
+    """`n` OpenAI-style rows {"messages": [...]}: 70% tasks, 30% restaurant chats (with the system
+    prompt); a quarter are multi-turn. Rows asking anything in `exclude` are skipped."""
     rng, task_rng = random.Random(f"{seed}:chat"), random.Random(f"{seed}:task")
     return _draw(n, lambda: _chat(rng, task_rng, multi_turn), _questions, exclude, unique)
 
@@ -195,8 +199,26 @@ SCENES = ("in the morning", "before lunch", "after the rain", "near the harbor",
           "late at night")
 
 
-def _doc(rng: random.Random) -> str:
-    kind = rng.choice(("restaurant", "restaurant", "math", "words", "sort", "lookup", "story", "qa", "review"))
+# document kinds and how often each is drawn; "examples" (worked task examples, the densest teacher of the
+# tasks) is half of the text
+DOC_KINDS = {"examples": 8, "restaurant": 2, "math": 1, "words": 1, "sort": 1, "lookup": 1, "story": 1, "qa": 1,
+             "review": 1}
+
+
+def _examples(rng: random.Random, exclude: set[str]) -> str:
+    """Worked task examples, "Q: ...\nA: ...", none of whose prompts are in `exclude`."""
+    out = []
+    while len(out) < 6:
+        t = _task(rng.choice(KINDS), rng)
+        if t.prompt not in exclude:
+            out.append(f"Q: {t.prompt}\nA: {t.answer}")
+    return "\n".join(out)
+
+
+def _doc(rng: random.Random, exclude: set[str] = frozenset()) -> str:
+    kind = rng.choices(list(DOC_KINDS), weights=list(DOC_KINDS.values()))[0]
+    if kind == "examples":
+        return _examples(rng, exclude)
     if kind == "restaurant":
         facts = [f"{NAME} is a small restaurant at {ADDRESS}."]
         facts += [f"The {d} costs {_money(p)}. It is {i}." for d, p, _, i in rng.sample(MENU, 3)]
@@ -229,16 +251,18 @@ def _doc(rng: random.Random) -> str:
                         for _ in range(rng.randint(2, 4)))
     if kind == "qa":
         t = _task(rng.choice(KINDS), rng)
+        while t.prompt in exclude:
+            t = _task(rng.choice(KINDS), rng)
         q, a = _persona_qa(rng)
         return f"Question: {t.prompt}\nAnswer: {t.answer}\nQuestion: {q}\nAnswer: {a}"
     label = rng.choice(LABELS)
     return " ".join(_review(rng, label)["text"] for _ in range(2))
 
 
-def make_pretraining_text(n_docs: int, seed: Seed = 0) -> list[str]:
-    """`n_docs` raw-text documents of a few sentences each."""
-    rng = random.Random(f"{seed}:pretrain")
-    return [_doc(rng) for _ in range(n_docs)]
+def make_pretraining_text(n_docs: int, seed: Seed = 0, *, exclude: Iterable[str] = ()) -> list[str]:
+    """`n_docs` raw-text documents of a few sentences each; no task prompt in `exclude` appears."""
+    rng, banned = random.Random(f"{seed}:pretrain"), set(exclude)
+    return [_doc(rng, banned) for _ in range(n_docs)]
 
 
 # ----------------------------------------------------------------------------- classification
@@ -310,7 +334,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | 
     alpaca = make_alpaca_rows(size["sft"], seed, exclude=held)
     classify_eval = make_classification_rows(size["classify_eval"], f"{seed}:classify_eval", unique=True)
     classify = make_classification_rows(size["classify"], seed, exclude={r["text"] for r in classify_eval})
-    pretrain = make_pretraining_text(size["pretrain"], seed)
+    pretrain = make_pretraining_text(size["pretrain"], seed, exclude=held)
 
     corpus = (pretrain + [f"{m['role']}\n{m['content']}" for r in sft for m in r["messages"]]
               + [f"{t.prompt}\n{t.answer}" for t in tasks] + [f"{r['text']}\n{r['label']}" for r in classify])

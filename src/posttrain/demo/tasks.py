@@ -15,10 +15,10 @@ Seed = int | str
 
 # --------------------------------------------------------------------------------------- tasks
 KINDS = ("add", "reverse", "sort", "lookup", "upper")
+# The tasks are sized for the demo's 1M-parameter model and a few minutes of CPU: 30 short words, one-digit
+# operands (up to 5 for products), three or four numbers below 10 to sort, two or three people to look up.
 WORDS = ("cat dog sun map cup pen box hat bird fish frog lamp desk door rain snow tree leaf rock sand "
-         "milk bread soup rice cake salt plum pear lime corn bean nut egg tea jam ship boat road park "
-         "king moon star wind fire gold blue green red pink mild warm cold fast slow kind bold calm wolf "
-         "bear duck goat lion seal swan owl ant bee fox kite drum bell ring coin song book note page").split()
+         "milk soup rice cake salt plum pear lime corn bean").split()
 NAMES = ("Ana Ben Cleo Dan Eva Finn Gus Hana Ivo Jade Kim Leo Mia Nico Omar Pia Quinn Rosa Sam Tara "
          "Uma Vic Wes Yara Zoe").split()
 NUM_THINGS = ("locker", "seat", "room", "table", "ticket", "bus")
@@ -26,6 +26,9 @@ COLOR_THINGS = ("bag", "scarf", "bike", "car", "umbrella")
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey")
 OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
        "*": ("times", lambda a, b: a * b)}
+# how hard the tasks are: operands up to ADD_MAX (MUL_MAX for *), SORT_LEN numbers below SORT_MAX, up to
+# LOOKUP_PEOPLE people in a lookup context
+ADD_MAX, MUL_MAX, SORT_MAX, SORT_LEN, LOOKUP_PEOPLE = 9, 5, 10, (3, 4), 3
 
 ADD_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.")
 REVERSE_TEMPLATES = ("Reverse the word {w}.", "Write {w} backwards.", "Spell the word {w} in reverse.")
@@ -47,7 +50,8 @@ class Task:
 def _task(kind: str, rng: random.Random) -> Task:
     if kind == "add":
         op = rng.choice(list(OPS))
-        a, b = (rng.randint(0, 12), rng.randint(0, 12)) if op == "*" else (rng.randint(0, 20), rng.randint(0, 20))
+        top = MUL_MAX if op == "*" else ADD_MAX
+        a, b = rng.randint(0, top), rng.randint(0, top)
         if op == "-" and b > a:
             a, b = b, a
         return Task(kind, rng.choice(ADD_TEMPLATES).format(a=a, op=op, b=b), str(OPS[op][1](a, b)))
@@ -57,11 +61,11 @@ def _task(kind: str, rng: random.Random) -> Task:
             return Task(kind, rng.choice(REVERSE_TEMPLATES).format(w=w), w[::-1])
         return Task(kind, rng.choice(UPPER_TEMPLATES).format(w=w), w.upper())
     if kind == "sort":
-        xs = rng.sample(range(0, 30), rng.randint(3, 5))
+        xs = rng.sample(range(0, SORT_MAX), rng.randint(*SORT_LEN))
         return Task(kind, rng.choice(SORT_TEMPLATES).format(xs=" ".join(map(str, xs))),
                     " ".join(map(str, sorted(xs))))
     if kind == "lookup":
-        people = rng.sample(NAMES, rng.randint(2, 4))
+        people = rng.sample(NAMES, rng.randint(2, LOOKUP_PEOPLE))
         if rng.random() < 0.6:
             thing, values = rng.choice(NUM_THINGS), [str(v) for v in rng.sample(range(1, 60), len(people))]
         else:
