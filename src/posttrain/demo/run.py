@@ -86,18 +86,77 @@ def _delta(value, base) -> str:
     return f" ({value - base:+.3f})"
 
 
+RL_KEY = {"ppo": "score", "grpo": "reward"}  # the training metric each RL stage's row reports
+
+
+def _model_tables(evals: dict) -> list[str]:
+    """Every model on the held-out tasks, then its accuracy by task kind."""
+    sft = evals["sft"]
+    lines = [f"## Held-out tasks ({sft.get('tasks') or 0} prompts, greedy answers)", "",
+             "| model | task accuracy | checker reward | sampled reward (T=1) | reward-model score | "
+             "KL to SFT (per answer) | perplexity (held-out chats) |",
+             "|---|---|---|---|---|---|---|"]
+    for m in MODELS:
+        e = evals[m]
+        lines.append(f"| {m} | {_fmt(e.get('task_accuracy'), percent=True)} | "
+                     f"{_fmt(e.get('task_reward'))}{_delta(e.get('task_reward'), sft.get('task_reward')) if m != 'sft' else ''} | "
+                     f"{_fmt(e.get('sampled_reward'))}"
+                     f"{_delta(e.get('sampled_reward'), sft.get('sampled_reward')) if m != 'sft' else ''} | "
+                     f"{_fmt(e.get('rm_score'))} | {_fmt(e.get('kl'))} | {_fmt(e.get('perplexity'), 2)} |")
+    kinds = sorted(sft.get("task_accuracy_by_kind") or {})
+    lines += ["", "Task accuracy counts exact answers; the checker reward gives 1 for an exact answer and up to "
+              "0.5 for a close one (the reward PPO and GRPO optimise). The sampled reward is its mean over "
+              f"{sft.get('samples') or 0} answers per prompt sampled at temperature 1, what RL optimises. KL is "
+              "the summed log-ratio to the SFT model on each model's own greedy answers.", "",
+              "Accuracy by task kind:", "", "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m in MODELS:
+        by_kind = evals[m].get("task_accuracy_by_kind") or {}
+        lines.append(f"| {m} | " + " | ".join(_fmt(by_kind[k], percent=True) for k in sorted(by_kind)) + " |")
+    return lines
+
+
+def _stage_table(out: Path, sft: dict, rm_eval: dict, dpo_eval: dict, rl: dict) -> list[str]:
+    """One row per training stage: what it measurably did."""
+    lines = ["## What each stage did", "", "| stage | measured |", "|---|---|",
+             f"| pt | held-out loss {_fmt((_read(out / 'pt' / 'summary.json').get('final_eval') or {}).get('eval_loss'))} |",
+             f"| sft | held-out chat perplexity {_fmt(sft.get('perplexity'), 2)}, task accuracy "
+             f"{_fmt(sft.get('task_accuracy'), percent=True)} |",
+             f"| rm | pairwise accuracy on {sft.get('rm_pairs') or 0} held-out pairs: "
+             f"{_fmt(sft.get('rm_pairwise_accuracy'), percent=True)} (chance 50%), mean margin "
+             f"{_fmt(sft.get('rm_margin'))}; training eval accuracy {_fmt(rm_eval.get('eval_accuracy'), percent=True)} |",
+             f"| dpo | held-out chosen-rejected margin 0 at the start (policy = reference) -> "
+             f"{_fmt(dpo_eval.get('eval_margin'))}, preference accuracy {_fmt(dpo_eval.get('eval_accuracy'), percent=True)} |"]
+    for stage, key in RL_KEY.items():
+        rows = rl[stage]
+        lines.append(f"| {stage} | training {key} (first quarter -> last quarter of {len(rows)} steps): "
+                     f"{_fmt(_window_mean(rows, key, True))} -> {_fmt(_window_mean(rows, key, False))}; "
+                     f"KL to SFT per response at the end {_fmt(_window_mean(rows, 'kl', False))} |")
+    return lines
+
+
+def _plot_links(out: Path) -> list[str]:
+    lines = ["## Plots", ""]
+    for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
+        plots = sorted((out / stage / "plots").glob("*.png")) if (out / stage / "plots").is_dir() else []
+        wanted = [p for p in plots if p.stem in ("loss", "reward", "score", "kl", "eval_accuracy", "eval_margin")]
+        if wanted:
+            lines.append(f"- {stage}: " + ", ".join(f"[{p.stem}]({p.relative_to(out)})" for p in wanted))
+    return lines
+
+
 def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
+    """OUT/report.md (the tables, plots and how to use the result) and OUT/demo_result.json."""
     evals = {m: _read(out / f"eval_{m}" / "eval.json") for m in MODELS}
     sft = evals["sft"]
-    rm_summary = _read(out / "rm" / "summary.json")
-    dpo_summary = _read(out / "dpo" / "summary.json")
-    rl = {s: _metrics(out, s) for s in ("ppo", "grpo")}
-    base_reward = sft.get("task_reward")
+    rm_eval = _read(out / "rm" / "summary.json").get("final_eval") or {}
+    dpo_eval = _read(out / "dpo" / "summary.json").get("final_eval") or {}
+    rl = {s: _metrics(out, s) for s in RL_KEY}
 
     step_minutes = sum(_read(Path(r["lineage"])).get("runtime_s", 0.0) for r in results.values()) / 60
     skipped = [name for name, r in results.items() if r["skipped"]]
     timing = (f"{step_minutes:.1f} minutes of steps" + (f"; this run {minutes:.1f} minutes, reusing {', '.join(skipped)} "
               "(unchanged since an earlier run)" if skipped else ""))
+    best = max(MODELS, key=lambda m: evals[m].get("task_reward") or -1)
     lines = [f"# posttrain demo report ({'quick' if quick else 'full'} run, {timing})", "",
              "Every number below was measured by this run. A tiny Qwen2-shaped model was initialised at random, "
              "pretrained on generated text, fine-tuned on generated instructions, and then improved by each "
@@ -107,67 +166,21 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
              *(["**A --quick run** is a smoke test of the whole pipeline on a tiny model with a few steps per "
                 "stage: its numbers show that every stage runs, not what the methods can do. Run the full "
                 "demo (`posttrain demo`) for that.", ""] if quick else []),
-             f"## Held-out tasks ({sft.get('tasks') or 0} prompts, greedy answers)", "",
-             "| model | task accuracy | checker reward | sampled reward (T=1) | reward-model score | "
-             "KL to SFT (per answer) | perplexity (held-out chats) |",
-             "|---|---|---|---|---|---|---|"]
-    for m in MODELS:
-        e = evals[m]
-        lines.append(f"| {m} | {_fmt(e.get('task_accuracy'), percent=True)} | "
-                     f"{_fmt(e.get('task_reward'))}{_delta(e.get('task_reward'), base_reward) if m != 'sft' else ''} | "
-                     f"{_fmt(e.get('sampled_reward'))}"
-                     f"{_delta(e.get('sampled_reward'), sft.get('sampled_reward')) if m != 'sft' else ''} | "
-                     f"{_fmt(e.get('rm_score'))} | {_fmt(e.get('kl'))} | {_fmt(e.get('perplexity'), 2)} |")
-    lines += ["", "Task accuracy counts exact answers; the checker reward gives 1 for an exact answer and up to "
-              "0.5 for a close one (the reward PPO and GRPO optimise). The sampled reward is its mean over "
-              f"{sft.get('samples') or 0} answers per prompt sampled at temperature 1, what RL optimises. KL is "
-              "the summed log-ratio to the SFT model on each model's own greedy answers.", "",
-              "Accuracy by task kind:", "", "| model | " + " | ".join(sorted(sft.get("task_accuracy_by_kind") or {}))
-              + " |", "|---|" + "---|" * len(sft.get("task_accuracy_by_kind") or {})]
-    for m in MODELS:
-        by_kind = evals[m].get("task_accuracy_by_kind") or {}
-        lines.append(f"| {m} | " + " | ".join(_fmt(by_kind[k], percent=True) for k in sorted(by_kind)) + " |")
-
-    rm_eval = rm_summary.get("final_eval") or {}
-    dpo_eval = dpo_summary.get("final_eval") or {}
-    lines += ["", "## What each stage did", "",
-              "| stage | measured |", "|---|---|",
-              f"| pt | held-out loss {_fmt((_read(out / 'pt' / 'summary.json').get('final_eval') or {}).get('eval_loss'))} |",
-              f"| sft | held-out chat perplexity {_fmt(sft.get('perplexity'), 2)}, task accuracy "
-              f"{_fmt(sft.get('task_accuracy'), percent=True)} |",
-              f"| rm | pairwise accuracy on {sft.get('rm_pairs') or 0} held-out pairs: "
-              f"{_fmt(sft.get('rm_pairwise_accuracy'), percent=True)} (chance 50%), mean margin "
-              f"{_fmt(sft.get('rm_margin'))}; training eval accuracy {_fmt(rm_eval.get('eval_accuracy'), percent=True)} |",
-              f"| dpo | held-out chosen-rejected margin 0 at the start (policy = reference) -> "
-              f"{_fmt(dpo_eval.get('eval_margin'))}, preference accuracy {_fmt(dpo_eval.get('eval_accuracy'), percent=True)} |"]
-    for stage in ("ppo", "grpo"):
-        rows = rl[stage]
-        key = "score" if stage == "ppo" else "reward"
-        lines.append(f"| {stage} | training {key} (first quarter -> last quarter of {len(rows)} steps): "
-                     f"{_fmt(_window_mean(rows, key, True))} -> {_fmt(_window_mean(rows, key, False))}; "
-                     f"KL to SFT per response at the end {_fmt(_window_mean(rows, 'kl', False))} |")
-
-    lines += ["", "## Plots", ""]
-    for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
-        plots = sorted((out / stage / "plots").glob("*.png")) if (out / stage / "plots").is_dir() else []
-        wanted = [p for p in plots if p.stem in ("loss", "reward", "score", "kl", "eval_accuracy", "eval_margin")]
-        if wanted:
-            lines.append(f"- {stage}: " + ", ".join(f"[{p.stem}]({p.relative_to(out)})" for p in wanted))
-    best = max(MODELS, key=lambda m: evals[m].get("task_reward") or -1)
-    lines += ["", "## Use the result", "", "Every model directory loads with `AutoModelForCausalLM.from_pretrained`.",
-              "", "```bash", f"posttrain chat --model {out / best}",
-              f"posttrain serve --model {out / best} --port 8000   # OpenAI-compatible: /v1/chat/completions",
-              f"posttrain eval --model {out / best} --tasks {out / 'data' / 'tasks_eval.jsonl'} --reference {out / 'sft'}",
-              f"posttrain run {out / 'recipe.yaml'} --from ppo   # rerun from a step; unchanged steps are skipped",
-              "```", "", "Each step's resolved config, inputs and parents are in its `lineage.json`."]
+             *_model_tables(evals), "", *_stage_table(out, sft, rm_eval, dpo_eval, rl), "", *_plot_links(out),
+             "", "## Use the result", "", "Every model directory loads with `AutoModelForCausalLM.from_pretrained`.",
+             "", "```bash", f"posttrain chat --model {out / best}",
+             f"posttrain serve --model {out / best} --port 8000   # OpenAI-compatible: /v1/chat/completions",
+             f"posttrain eval --model {out / best} --tasks {out / 'data' / 'tasks_eval.jsonl'} --reference {out / 'sft'}",
+             f"posttrain run {out / 'recipe.yaml'} --from ppo   # rerun from a step; unchanged steps are skipped",
+             "```", "", "Each step's resolved config, inputs and parents are in its `lineage.json`."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
     summary = "; ".join(f"{m}: accuracy {_fmt(evals[m].get('task_accuracy'), percent=True)}, checker reward "
                         f"{_fmt(evals[m].get('task_reward'))}" for m in MODELS)
-    result = {"minutes": round(minutes, 2), "step_minutes": round(step_minutes, 2), "evals": evals, "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"),
-              "dpo_eval_margin": dpo_eval.get("eval_margin"), "best": best, "summary": summary,
-              "rl": {s: {"first": _window_mean(rl[s], "score" if s == "ppo" else "reward", True),
-                         "last": _window_mean(rl[s], "score" if s == "ppo" else "reward", False),
-                         "kl_last": _window_mean(rl[s], "kl", False)} for s in rl}}
+    result = {"minutes": round(minutes, 2), "step_minutes": round(step_minutes, 2), "evals": evals,
+              "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"), "dpo_eval_margin": dpo_eval.get("eval_margin"),
+              "best": best, "summary": summary,
+              "rl": {s: {"first": _window_mean(rl[s], key, True), "last": _window_mean(rl[s], key, False),
+                         "kl_last": _window_mean(rl[s], "kl", False)} for s, key in RL_KEY.items()}}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
