@@ -188,6 +188,19 @@ def test_pairs_command_end_to_end(tmp_path):
     assert pairs[0].prompt == [SYS, say("q", "user")] and report.sources[0]["format"] == "preference"
 
 
+def test_pairs_skip_a_response_sampled_twice_and_say_so(tmp_path):
+    # "12" and "9" were each sampled twice: 2 x 2 = 4 expanded (12, 9) pairs, written once; (12, 7) and
+    # (9, 7) repeat for the second "12" / "9". The same pair in another ranking (another rater) is kept.
+    rows = [{"prompt": "3 + 9?", "responses": ["12", "9", "12", "9", "7"], "ranks": [0, 1, 0, 1, 2]},
+            {"prompt": "3 + 9?", "responses": ["12", "9"], "ranks": [0, 1]}]
+    src, out = write_jsonl(tmp_path / "rank.jsonl", rows), tmp_path / "pairs.jsonl"
+    summary = pairs_command(str(src), str(out))
+    assert summary == (f"{src}: 2 rankings -> 4 pairs (2 tied pairs skipped, 5 repeated pairs skipped)"
+                       f" -> {out}")
+    pairs, _ = load_examples(str(out), kind="preference")
+    assert names(pairs) == ["129", "127", "97", "129"]
+
+
 # ---------------------------------------------------------------- encoding
 
 def test_encode_preference_spans_and_shared_prompt(tok):

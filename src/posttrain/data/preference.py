@@ -240,22 +240,32 @@ def _ties(ranking: Ranking) -> int:
 
 def write_pairs(rankings_path, out_path, *, dataset_info: str | None = None, skip_invalid: bool = False) -> dict:
     """Expand a rankings file (any source `load_examples` reads) into a JSONL of pairs in messages form
-    ({"prompt", "chosen", "rejected"} as message lists, so system prompts survive). Returns the counts."""
+    ({"prompt", "chosen", "rejected"} as message lists, so system prompts survive). Returns the counts.
+    A response that appears twice in one ranking (sampled twice) gives its pairs once: a pair repeated
+    within a ranking is skipped and counted in `repeats_skipped`, so no answer weighs more for being
+    sampled more often."""
     from .formats import load_examples  # formats imports this module
 
     rankings, _ = load_examples(str(rankings_path), kind="ranking", dataset_info=dataset_info,
                                 skip_invalid=skip_invalid)
-    counts = {"rankings": len(rankings), "pairs": 0, "ties_skipped": 0, "identical_skipped": 0}
+    counts = {"rankings": len(rankings), "pairs": 0, "ties_skipped": 0, "identical_skipped": 0,
+              "repeats_skipped": 0}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         for ranking in rankings:
             counts["ties_skipped"] += _ties(ranking)
+            written: set[str] = set()
             for pair in expand_ranking(ranking):
                 if pair.chosen == pair.rejected:
                     log.warning("%s: skipped a pair whose chosen equals rejected", ranking.source)
                     counts["identical_skipped"] += 1
                     continue
+                key = json.dumps([pair.chosen, pair.rejected], sort_keys=True)
+                if key in written:
+                    counts["repeats_skipped"] += 1
+                    continue
+                written.add(key)
                 row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 counts["pairs"] += 1
@@ -268,4 +278,6 @@ def pairs_command(file, out) -> str:
     skipped = f"{counts['ties_skipped']} tied pairs skipped"
     if counts["identical_skipped"]:
         skipped += f", {counts['identical_skipped']} identical pairs skipped"
+    if counts["repeats_skipped"]:
+        skipped += f", {counts['repeats_skipped']} repeated pairs skipped"
     return f"{file}: {counts['rankings']} rankings -> {counts['pairs']} pairs ({skipped}) -> {out}"
