@@ -162,7 +162,24 @@ def test_ppo_with_a_value_model_from_the_reward_model(tiny_model, rl_files, tmp_
     rows = metrics(out)
     assert "reward/model" in rows[0] and "reward/vowels" in rows[0]
     assert rows[0]["value_mean"] != 0.0  # the critic starts from the reward model, not from zero
+    assert all(r["value_grad_norm"] > 0 for r in rows)  # the critic's gradients are clipped on their own
     assert AutoModelForCausalLM.from_pretrained(out).config.architectures[0].endswith("ForCausalLM")
+
+
+def test_ppo_critic_has_its_own_learning_rate_and_clipping(tiny_model, rl_files, tmp_path):
+    """ppo.value_lr sets the critic's learning rate; the policy's and the critic's gradient norms are
+    measured (and clipped) separately."""
+    out = tmp_path / "ppo"
+    config = build_config(rl_config(tiny_model, rl_files, out, "ppo", ppo={"value_lr": 0.02, "epochs": 1},
+                                    train={"max_steps": 2, "lr": 1e-4, "max_grad_norm": 1e-3, "save_steps": 1}))
+    run_training(config)
+    groups = torch.load(out / "checkpoints" / "step-1" / "optimizer.pt", weights_only=False)["param_groups"]
+    assert sorted({g["lr"] for g in groups}) == [1e-4, 0.02]
+    # the value head, nn.Linear(hidden, 1): its weight and bias, and nothing of the policy
+    assert sum(len(g["params"]) for g in groups if g["lr"] == 0.02) == 2
+    row = metrics(out)[0]
+    assert row["grad_norm"] > 1e-3 and row["value_grad_norm"] > 1e-3  # the norms before clipping, each its own
+    assert row["grad_norm"] != pytest.approx(row["value_grad_norm"])
 
 
 @pytest.mark.parametrize("options", [

@@ -208,6 +208,10 @@ class PPOConfig(RLConfig):
     value_clip: float | None = Field(0.2, gt=0, description="Value clip range around the rollout's values "
                                                             "(null: no clipping).")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    value_lr: float | None = Field(None, gt=0, description="Learning rate of the critic (the value head or the "
+                                                           "separate value model), on the same schedule; null: "
+                                                           "train.lr. A fresh critic usually needs a higher one "
+                                                           "than the policy.")
     value_model: str = Field(
         "auto", description="The critic: `head` = a value head on the policy's hidden states (shares the body), "
                             "`reward` = a separate value model initialised from the reward model in `rewards`, "

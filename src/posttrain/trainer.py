@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -25,6 +25,8 @@ from .errors import ConfigError, DataError
 from .data.batching import batch_indices
 from .modeling import decoder_layers, set_trainable_layers
 from .stages import Stage
+
+CRITIC = ("critic.", "value_head.")  # PPO's critic in rl.online.PolicyWithValue
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Trainer:
             set_trainable_layers(model, len(decoder_layers(model)))
         self.param_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # PPO's critic (a value head or a separate value model) is clipped on its own (see clip_gradients) and
+        # may have its own learning rate
+        self.critic_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(CRITIC)]
         self.optimizer = self._optimizer(model)
         self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
@@ -84,15 +89,32 @@ class Trainer:
 
     # ------------------------------------------------------------ setup helpers
     def _optimizer(self, model) -> torch.optim.Optimizer:
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        params = decay + no_decay
+        critic_lr = self.config.ppo.value_lr if self.config.stage == "ppo" else None
+        groups = []
+        for critic in (False, True):
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith(CRITIC) == critic]
+            lr = (critic_lr if critic else None) or self.train_cfg.lr
+            groups += [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": self.train_cfg.weight_decay,
+                        "lr": lr},
+                       {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+        params = [p for g in groups for p in g["params"]]
         # the fused kernel is much faster than the per-parameter loop on CPU and GPU alike
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
                                  betas=tuple(self.train_cfg.adam_betas), fused=fused)
+
+    def clip_gradients(self) -> tuple[float, float | None]:
+        """Clip to train.max_grad_norm; returns the norms before clipping (the model's, the critic's). A PPO
+        critic is clipped on its own, so a fresh critic's large value-loss gradients do not shrink the
+        policy's step (under FSDP and DeepSpeed, which clip the whole model, the norm is a joint one)."""
+        max_norm = self.train_cfg.max_grad_norm or float("inf")
+        clip = lambda params: self.accelerator.clip_grad_norm_(params, max_norm)  # noqa: E731
+        as_float = lambda norm: float("nan") if norm is None else float(norm)  # noqa: E731  (DeepSpeed: None)
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if not self.critic_params or sharded:
+            return as_float(clip(self.params)), None
+        critic = {id(p) for p in self.critic_params}
+        return as_float(clip([p for p in self.params if id(p) not in critic])), as_float(clip(self.critic_params))
 
     def _apply_unfreeze(self, epoch: int) -> None:
         if self.gradual:
@@ -139,8 +161,7 @@ class Trainer:
             loss_sum += float(summed.detach())
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        max_norm = self.train_cfg.max_grad_norm or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        grad_norm = self.clip_gradients()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -89,7 +89,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
                 if epoch == 0:
                     for i, part in zip(indices, logps.detach().float().cpu().split(lengths)):
                         first_pass_logps[i] = part
-            grad_norm = online.optimizer_update(trainer)
+            grad_norm = online.optimizer_update(trainer)[0]
             updates += 1
     trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}

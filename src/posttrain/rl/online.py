@@ -318,12 +318,12 @@ def mean_over_processes(trainer, metrics: dict) -> dict:
     return dict(zip(keys, packed))
 
 
-def optimizer_update(trainer) -> float:
-    max_norm = trainer.train_cfg.max_grad_norm or float("inf")
-    grad_norm = trainer.accelerator.clip_grad_norm_(trainer.params, max_norm)
+def optimizer_update(trainer) -> tuple[float, float | None]:
+    """Clip, step, zero: returns the gradient norms before clipping (the policy's, the critic's or None)."""
+    norms = trainer.clip_gradients()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return norms
 
 
 # ------------------------------------------------------------------------------------------- evaluation

@@ -116,7 +116,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     prepared = time.perf_counter()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
             "approx_kl": 0.0, "tokens": 0.0}
-    grad_norm = 0.0
+    grad_norm, value_grad_norm = 0.0, None
     for epoch in range(cfg.epochs):
         for minibatch in online.minibatch_plan(n, cfg.mini_batches, seed=trainer.state.step * 1000 + epoch):
             total = max(online.total_over_processes(trainer, sum(ro.response_tokens[i] for i in minibatch)), 1.0)
@@ -138,7 +138,7 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
                     moved = (value.detach() - pick(old_values)).abs() > cfg.value_clip
                     sums["value_clip_fraction"] += float(moved.sum())
                 sums["tokens"] += float(len(logps))
-            grad_norm = online.optimizer_update(trainer)
+            grad_norm, value_grad_norm = online.optimizer_update(trainer)
     trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
@@ -155,7 +155,8 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
                "policy_loss": sums["policy_loss"] / tokens, "value_loss": sums["value_loss"] / tokens,
                "clip_fraction": sums["clip_fraction"] / tokens, "approx_kl": sums["approx_kl"] / tokens,
                "value_clip_fraction": sums["value_clip_fraction"] / tokens,
-               "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask))}
+               "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask)),
+               **({"value_grad_norm": value_grad_norm} if value_grad_norm is not None else {})}
     metrics = online.mean_over_processes(trainer, {**metrics, **timing})
     if cfg.adaptive_kl:
         n_total = int(online.total_over_processes(trainer, n))
