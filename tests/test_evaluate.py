@@ -68,9 +68,14 @@ def test_task_accuracy_against_a_hand_made_tasks_file(trained, tmp_path):
     assert [w["response"] for w in written] == texts  # batched by length, returned in file order
     assert evaluate(str(trained), tasks=str(tasks), max_new_tokens=8, n_samples=2)["tasks"] == 2
     # sampled answers: near-zero temperature is greedy; a seed makes the sampled means reproducible
-    cold = evaluate(str(trained), tasks=str(tasks), max_new_tokens=8, batch_size=3, samples=2, temperature=1e-4)
+    cold = evaluate(str(trained), tasks=str(tasks), max_new_tokens=8, batch_size=3, samples=2, temperature=1e-4,
+                    generations_out=str(tmp_path / "cold.jsonl"))
     assert cold["samples"] == 2 and cold["sampled_accuracy"] == pytest.approx(result["task_accuracy"])
     assert cold["sampled_reward"] == pytest.approx(result["task_reward"])
+    # each prompt's sampled mean is written next to its greedy score (here the same: both answers are greedy)
+    cold_rows = [json.loads(line) for line in (tmp_path / "cold.jsonl").read_text().splitlines()]
+    assert [w["sampled_score"] for w in cold_rows] == pytest.approx(expected)
+    assert all(w["sampled_score"] is None for w in written)  # not asked for
     hot = [evaluate(str(trained), tasks=str(tasks), max_new_tokens=8, batch_size=3, samples=3, temperature=2.0,
                     seed=7) for _ in range(2)]
     assert hot[0]["sampled_reward"] == hot[1]["sampled_reward"] and 0 <= hot[0]["sampled_accuracy"] <= 1

@@ -67,14 +67,15 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
         raise ConfigError("eval: nothing to evaluate; give tasks (--tasks), data (--data) or pairs (--pairs)")
     result: dict = {"model": str(model), "adapter": adapter and str(adapter), **dict.fromkeys(METRICS)}
     engine = Engine.load(model, adapter, chat_template=chat_template)
-    rows, prompts, completions, checks, scores = [], [], [], None, None
+    rows, prompts, completions, checks, scores, sampled = [], [], [], None, None, None
     if tasks:
         rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size)
         metrics, checks = _task_metrics(rows, completions, _checker(checker))
         result.update(metrics)
         if samples:
-            result.update(_sampled(engine, rows, prompts, _checker(checker), samples, temperature, seed,
-                                   max_new_tokens, batch_size))
+            metrics, sampled = _sampled(engine, rows, prompts, _checker(checker), samples, temperature, seed,
+                                        max_new_tokens, batch_size)
+            result.update(metrics)
     policy_logps = _logps(engine.model, engine.tokenizer.pad_token_id, prompts, completions, batch_size) \
         if reference and completions else None
     if data:
@@ -94,7 +95,7 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
         if pairs:
             result.update(pairwise_accuracy(rm, rm_tokenizer, offset, pairs, max_length, batch_size))
     if generations_out and completions:
-        _write_generations(generations_out, rows, completions, checks, scores)
+        _write_generations(generations_out, rows, completions, checks, scores, sampled)
     return result
 
 
@@ -117,20 +118,22 @@ def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | Non
 
 
 def _sampled(engine: Engine, rows, token_prompts, checker, samples: int, temperature: float, seed: int,
-             max_new_tokens: int, batch_size: int) -> dict:
+             max_new_tokens: int, batch_size: int) -> tuple[dict, list[float | None]]:
     """`samples` answers per prompt at `temperature`, each batch seeded (seed + its index): the checker's
-    mean accuracy and score over all of them."""
-    scores = []
+    mean accuracy and score over all of them, and each prompt's mean score (None without an answer)."""
+    per_prompt: list[list[float]] = [[] for _ in rows]
     for b, start in enumerate(range(0, len(rows), batch_size)):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed + b)
         chosen = range(start, min(start + batch_size, len(rows)))
         for c in engine.generate([token_prompts[i] for i in chosen], params):
-            answer = rows[chosen[c.prompt_index]][0].data.get("answer")
+            i = chosen[c.prompt_index]
+            answer = rows[i][0].data.get("answer")
             if answer is not None:
-                scores.append(float(checker(answer, c.text)))
+                per_prompt[i].append(float(checker(answer, c.text)))
     log.info("eval: %d sampled answers per prompt at temperature %g", samples, temperature)
-    return {"samples": samples, "sampled_accuracy": _mean([s >= 1.0 for s in scores]),
-            "sampled_reward": _mean(scores)}
+    scores = [s for row in per_prompt for s in row]
+    return ({"samples": samples, "sampled_accuracy": _mean([s >= 1.0 for s in scores]),
+             "sampled_reward": _mean(scores)}, [_mean(row) for row in per_prompt])
 
 
 def _checker(spec: str | Callable | None) -> Callable[[str, str], float]:
@@ -264,13 +267,16 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _write_generations(path: str, rows, completions, checks, scores) -> None:
+def _write_generations(path: str, rows, completions, checks, scores, sampled=None) -> None:
+    """One row per prompt: its greedy answer, the answer's checker score and reward-model score, and the
+    mean checker score of its sampled answers (`sampled_score`, with --samples)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         for i, ((row, _), c) in enumerate(zip(rows, completions)):
             record = {**row.data, "response": c.text, "finish_reason": c.finish_reason,
-                      "score": checks[i] if checks else None, "rm_score": scores[i] if scores else None}
+                      "score": checks[i] if checks else None, "rm_score": scores[i] if scores else None,
+                      "sampled_score": sampled[i] if sampled else None}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
