@@ -42,6 +42,14 @@ def test_quick_demo_runs_the_pipeline_and_writes_the_report(tmp_path):
     assert "posttrain chat --model" in report and "posttrain serve --model" in report
     demo = json.loads((out / "demo_result.json").read_text())
     assert set(demo["rl"]) == {"ppo", "grpo"}
+    # each model's change from SFT is paired over the same prompts: its mean is the difference of the means
+    for model in ("dpo", "ppo", "grpo"):
+        mean, stderr = demo["changes"][model]["score"]
+        expected = demo["evals"][model]["task_reward"] - demo["evals"]["sft"]["task_reward"]
+        assert abs(mean - expected) < 1e-9 and stderr >= 0
+        mean, _ = demo["changes"][model]["sampled_score"]
+        assert abs(mean - (demo["evals"][model]["sampled_reward"] - demo["evals"]["sft"]["sampled_reward"])) < 1e-9
+    assert f"({demo['changes']['grpo']['score'][0]:+.3f} ± {demo['changes']['grpo']['score'][1]:.3f})" in report
     assert AutoModelForCausalLM.from_pretrained(out / "grpo") is not None
 
     # the written recipe reruns: nothing changed, so every step is skipped

@@ -40,7 +40,7 @@ def solve(task: Task) -> str:
         a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", task.prompt).groups()
         return str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op])
     if task.kind in ("reverse", "upper"):
-        word = re.search(r"(?:word|Write) (?!the )(\w+)", task.prompt).group(1)
+        word = re.search(r"(?:word|Write|is|of|Make) (?!the )(\w+)", task.prompt).group(1)
         return word[::-1] if task.kind == "reverse" else word.upper()
     if task.kind == "sort":
         return " ".join(map(str, sorted(int(x) for x in task.prompt.split(":")[1].split())))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from .data import write_demo_data
 
 log = logging.getLogger("posttrain")
 
-FULL = {"data": {"pretrain": 12000, "sft": 8000, "tasks": 2000, "tasks_eval": 100},
+FULL = {"data": {"pretrain": 12000, "sft": 8000, "tasks": 2000, "tasks_eval": 250},
         "vars": {}}  # the recipe's own vars are the full run
 QUICK = {"data": {"pretrain": 600, "sft": 800, "tasks": 48, "tasks_eval": 16},
          "vars": {"size": "tiny", "vocab": 1024, "max_length": 128, "pt_steps": 30, "sft_steps": 60,
@@ -86,10 +87,37 @@ def _delta(value, base) -> str:
     return f" ({value - base:+.3f})"
 
 
+def _generations(out: Path, model: str) -> list[dict]:
+    path = out / f"eval_{model}" / "generations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _paired(out: Path, model: str, key: str) -> tuple[float, float] | None:
+    """The mean and standard error of `model`'s per-prompt `key` minus the SFT model's, on the same held-out
+    prompts (each eval writes them in the tasks file's order)."""
+    pairs = [(a.get(key), b.get(key)) for a, b in zip(_generations(out, "sft"), _generations(out, model))
+             if a.get("prompt") == b.get("prompt")]
+    diffs = [b - a for a, b in pairs if a is not None and b is not None]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
+def _change(out: Path, model: str, key: str, value, base) -> str:
+    """" (+0.012 ± 0.005)": the change from SFT and its paired standard error (just the change without
+    per-prompt numbers)."""
+    if model == "sft":
+        return ""
+    paired = _paired(out, model, key)
+    return f" ({paired[0]:+.3f} ± {paired[1]:.3f})" if paired else _delta(value, base)
+
+
 RL_KEY = {"ppo": "score", "grpo": "reward"}  # the training metric each RL stage's row reports
 
 
-def _model_tables(evals: dict) -> list[str]:
+def _model_tables(out: Path, evals: dict) -> list[str]:
     """Every model on the held-out tasks, then its accuracy by task kind."""
     sft = evals["sft"]
     lines = [f"## Held-out tasks ({sft.get('tasks') or 0} prompts, greedy answers)", "",
@@ -98,16 +126,18 @@ def _model_tables(evals: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for m in MODELS:
         e = evals[m]
-        lines.append(f"| {m} | {_fmt(e.get('task_accuracy'), percent=True)} | "
-                     f"{_fmt(e.get('task_reward'))}{_delta(e.get('task_reward'), sft.get('task_reward')) if m != 'sft' else ''} | "
+        lines.append(f"| {m} | {_fmt(e.get('task_accuracy'), percent=True)} | {_fmt(e.get('task_reward'))}"
+                     f"{_change(out, m, 'score', e.get('task_reward'), sft.get('task_reward'))} | "
                      f"{_fmt(e.get('sampled_reward'))}"
-                     f"{_delta(e.get('sampled_reward'), sft.get('sampled_reward')) if m != 'sft' else ''} | "
+                     f"{_change(out, m, 'sampled_score', e.get('sampled_reward'), sft.get('sampled_reward'))} | "
                      f"{_fmt(e.get('rm_score'))} | {_fmt(e.get('kl'))} | {_fmt(e.get('perplexity'), 2)} |")
     kinds = sorted(sft.get("task_accuracy_by_kind") or {})
     lines += ["", "Task accuracy counts exact answers; the checker reward gives 1 for an exact answer and up to "
               "0.5 for a close one (the reward PPO and GRPO optimise). The sampled reward is its mean over "
-              f"{sft.get('samples') or 0} answers per prompt sampled at temperature 1, what RL optimises. KL is "
-              "the summed log-ratio to the SFT model on each model's own greedy answers.", "",
+              f"{sft.get('samples') or 0} answers per prompt sampled at temperature 1, what RL optimises. In "
+              "brackets: the change from SFT ± its standard error over the prompts (per-prompt differences on "
+              "the same prompts); a change within about two standard errors of 0 is noise. KL is the summed "
+              "log-ratio to the SFT model on each model's own greedy answers.", "",
               "Accuracy by task kind:", "", "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for m in MODELS:
         by_kind = evals[m].get("task_accuracy_by_kind") or {}
@@ -166,7 +196,7 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
              *(["**A --quick run** is a smoke test of the whole pipeline on a tiny model with a few steps per "
                 "stage: its numbers show that every stage runs, not what the methods can do. Run the full "
                 "demo (`posttrain demo`) for that.", ""] if quick else []),
-             *_model_tables(evals), "", *_stage_table(out, sft, rm_eval, dpo_eval, rl), "", *_plot_links(out),
+             *_model_tables(out, evals), "", *_stage_table(out, sft, rm_eval, dpo_eval, rl), "", *_plot_links(out),
              "", "## Use the result", "", "Every model directory loads with `AutoModelForCausalLM.from_pretrained`.",
              "", "```bash", f"posttrain chat --model {out / best}",
              f"posttrain serve --model {out / best} --port 8000   # OpenAI-compatible: /v1/chat/completions",
@@ -180,6 +210,8 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
     result = {"minutes": round(minutes, 2), "step_minutes": round(step_minutes, 2), "evals": evals,
               "rm_pairwise_accuracy": sft.get("rm_pairwise_accuracy"), "dpo_eval_margin": dpo_eval.get("eval_margin"),
               "best": best, "summary": summary,
+              # each model's change from SFT on the same held-out prompts: [mean, standard error]
+              "changes": {m: {key: _paired(out, m, key) for key in ("score", "sampled_score")} for m in MODELS[1:]},
               "rl": {s: {"first": _window_mean(rl[s], key, True), "last": _window_mean(rl[s], key, False),
                          "kl_last": _window_mean(rl[s], "kl", False)} for s, key in RL_KEY.items()}}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))

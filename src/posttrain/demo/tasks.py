@@ -31,11 +31,12 @@ OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
 ADD_MAX, MUL_MAX, SORT_MAX, SORT_LEN, LOOKUP_PEOPLE = 9, 5, 10, (3, 4), 3
 
 ADD_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.")
-REVERSE_TEMPLATES = ("Reverse the word {w}.", "Write {w} backwards.", "Spell the word {w} in reverse.")
+REVERSE_TEMPLATES = ("Reverse the word {w}.", "Write {w} backwards.", "Spell the word {w} in reverse.",
+                     "What is {w} spelled backwards?", "Give the letters of {w} in reverse order.")
 SORT_TEMPLATES = ("Sort these numbers from smallest to largest: {xs}", "Put in ascending order: {xs}",
                   "Order from low to high: {xs}")
 UPPER_TEMPLATES = ("Write the word {w} in capital letters.", "Uppercase the word {w}.",
-                   "Write {w} in upper case.")
+                   "Write {w} in upper case.", "Capitalize every letter of {w}.", "Make {w} all caps.")
 
 
 @dataclass(frozen=True)
