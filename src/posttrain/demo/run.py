@@ -106,8 +106,8 @@ def _paired(out: Path, model: str, key: str) -> tuple[float, float] | None:
 
 
 def _change(out: Path, model: str, key: str, value, base) -> str:
-    """" (+0.012 ± 0.005)": the change from SFT and its paired standard error (just the change without
-    per-prompt numbers)."""
+    """The change from SFT and its paired standard error, as " (+0.012 ± 0.005)"; just the change when
+    there are no per-prompt numbers."""
     if model == "sft":
         return ""
     paired = _paired(out, model, key)
