@@ -57,40 +57,36 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     prepared = time.perf_counter()
     sums = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl_k3": 0.0, "tokens": 0.0}
     first_pass_logps: list[torch.Tensor | None] = [None] * n
-    grad_norm, updates = 0.0, 0
-    for epoch in range(cfg.epochs):
-        plan = online.minibatch_plan(n, cfg.mini_batches, seed=trainer.state.step * 1000 + epoch)
-        for minibatch in plan:
-            mask_all = [ro.response_tokens[i] for i in minibatch]
-            local = sum(mask_all) if cfg.loss == "token_mean" else len(minibatch)
-            total = max(online.total_over_processes(trainer, local), 1.0)
-            for indices in online.micro_batches(minibatch, micro):
-                batch = online.batch_of(trainer, ctx, ro, indices)
-                lengths = [ro.response_tokens[i] for i in indices]
-                with acc.autocast():
-                    logps, logits, _ = model(batch, temperature, values=False)
-                old = online.gather(old_logps, indices).to(logps.device) if old_logps else logps.detach()
-                adv = torch.repeat_interleave(advantages[indices].to(logps.device),
-                                              torch.tensor(lengths, device=logps.device))
-                per_token, clipped, _ = ppo_policy_loss(logps, old, adv, cfg.clip, cfg.clip_high)
-                if ref_logps is not None:
-                    ref = online.gather(ref_logps, indices).to(logps.device)
-                    k3 = kl_k3(logps, ref)
-                    if cfg.kl_coef > 0:
-                        per_token = per_token + cfg.kl_coef * k3
-                    sums["kl_k3"] += float(k3.detach().sum())
-                padded, mask = _rows(per_token, lengths)
-                summed, _ = aggregate(padded, mask, cfg.loss)
-                acc.backward(summed * acc.num_processes / total)
-                sums["loss"] += float(summed.detach()) / total
-                sums["clip_fraction"] += float(clipped.sum())
-                sums["entropy"] += float(online.entropy(logits.detach()).sum())
-                sums["tokens"] += float(sum(lengths))
-                if epoch == 0:
-                    for i, part in zip(indices, logps.detach().float().cpu().split(lengths)):
-                        first_pass_logps[i] = part
-            grad_norm = online.optimizer_update(trainer)[0]
-            updates += 1
+
+    def micro_step(epoch: int, indices: list[int], total: float) -> None:
+        batch = online.batch_of(trainer, ctx, ro, indices)
+        lengths = [ro.response_tokens[i] for i in indices]
+        with acc.autocast():
+            logps, logits, _ = model(batch, temperature, values=False)
+        old = online.gather(old_logps, indices).to(logps.device) if old_logps else logps.detach()
+        adv = torch.repeat_interleave(advantages[indices].to(logps.device), torch.tensor(lengths, device=logps.device))
+        per_token, clipped, _ = ppo_policy_loss(logps, old, adv, cfg.clip, cfg.clip_high)
+        if ref_logps is not None:
+            ref = online.gather(ref_logps, indices).to(logps.device)
+            k3 = kl_k3(logps, ref)
+            if cfg.kl_coef > 0:
+                per_token = per_token + cfg.kl_coef * k3
+            sums["kl_k3"] += float(k3.detach().sum())
+        padded, mask = _rows(per_token, lengths)
+        summed, _ = aggregate(padded, mask, cfg.loss)
+        acc.backward(summed * acc.num_processes / total)
+        sums["loss"] += float(summed.detach()) / total
+        sums["clip_fraction"] += float(clipped.sum())
+        sums["entropy"] += float(online.entropy(logits.detach()).sum())
+        sums["tokens"] += float(sum(lengths))
+        if epoch == 0:
+            for i, part in zip(indices, logps.detach().float().cpu().split(lengths)):
+                first_pass_logps[i] = part
+
+    def count(minibatch: list[int]) -> float:  # what the loss is averaged over: tokens or completions
+        return sum(ro.response_tokens[i] for i in minibatch) if cfg.loss == "token_mean" else len(minibatch)
+
+    (grad_norm, _), updates = online.run_updates(trainer, n, cfg.epochs, cfg.mini_batches, micro, count, micro_step)
     trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 

@@ -116,29 +116,28 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
     prepared = time.perf_counter()
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0,
             "approx_kl": 0.0, "tokens": 0.0}
-    grad_norm, value_grad_norm = 0.0, None
-    for epoch in range(cfg.epochs):
-        for minibatch in online.minibatch_plan(n, cfg.mini_batches, seed=trainer.state.step * 1000 + epoch):
-            total = max(online.total_over_processes(trainer, sum(ro.response_tokens[i] for i in minibatch)), 1.0)
-            for indices in online.micro_batches(minibatch, micro):
-                batch = online.batch_of(trainer, ctx, ro, indices)
-                with acc.autocast():
-                    logps, _, value = model(batch, temperature)
-                dev = logps.device
-                pick = lambda rows: online.gather(rows, indices).to(dev)  # noqa: E731
-                pg, clipped, approx = ppo_policy_loss(logps, pick(old_logps), pick(adv_rows), cfg.clip, cfg.clip_high)
-                vf = ppo_value_loss(value, pick(old_values), pick(ret_rows), cfg.value_clip)
-                summed = pg.sum() + cfg.vf_coef * vf.sum()
-                acc.backward(summed * acc.num_processes / total)
-                sums["policy_loss"] += float(pg.detach().sum())
-                sums["value_loss"] += float(vf.detach().sum())
-                sums["clip_fraction"] += float(clipped.sum())
-                sums["approx_kl"] += float(approx.sum())
-                if cfg.value_clip is not None:
-                    moved = (value.detach() - pick(old_values)).abs() > cfg.value_clip
-                    sums["value_clip_fraction"] += float(moved.sum())
-                sums["tokens"] += float(len(logps))
-            grad_norm, value_grad_norm = online.optimizer_update(trainer)
+
+    def micro_step(epoch: int, indices: list[int], total: float) -> None:
+        batch = online.batch_of(trainer, ctx, ro, indices)
+        with acc.autocast():
+            logps, _, value = model(batch, temperature)
+        dev = logps.device
+        pick = lambda rows: online.gather(rows, indices).to(dev)  # noqa: E731
+        pg, clipped, approx = ppo_policy_loss(logps, pick(old_logps), pick(adv_rows), cfg.clip, cfg.clip_high)
+        vf = ppo_value_loss(value, pick(old_values), pick(ret_rows), cfg.value_clip)
+        summed = pg.sum() + cfg.vf_coef * vf.sum()
+        acc.backward(summed * acc.num_processes / total)
+        sums["policy_loss"] += float(pg.detach().sum())
+        sums["value_loss"] += float(vf.detach().sum())
+        sums["clip_fraction"] += float(clipped.sum())
+        sums["approx_kl"] += float(approx.sum())
+        if cfg.value_clip is not None:
+            moved = (value.detach() - pick(old_values)).abs() > cfg.value_clip
+            sums["value_clip_fraction"] += float(moved.sum())
+        sums["tokens"] += float(len(logps))
+
+    (grad_norm, value_grad_norm), _ = online.run_updates(
+        trainer, n, cfg.epochs, cfg.mini_batches, micro, lambda mb: sum(ro.response_tokens[i] for i in mb), micro_step)
     trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
