@@ -63,8 +63,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # PPO's critic (a value head or a separate value model) is clipped on its own (see clip_gradients) and
         # may have its own learning rate
-        self.critic_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(CRITIC)]
-        self.optimizer = self._optimizer(model)
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.actor_params = [p for n, p in trained if not n.startswith(CRITIC)]
+        self.critic_params = [p for n, p in trained if n.startswith(CRITIC)]
+        self.optimizer = self._optimizer()
         self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
             step = self.train_cfg.batch_size * self.train_cfg.grad_accum * accelerator.num_processes
@@ -88,16 +90,14 @@ class Trainer:
         self._apply_unfreeze(0)
 
     # ------------------------------------------------------------ setup helpers
-    def _optimizer(self, model) -> torch.optim.Optimizer:
-        critic_lr = self.config.ppo.value_lr if self.config.stage == "ppo" else None
+    def _optimizer(self) -> torch.optim.Optimizer:
+        critic_lr = (self.config.ppo.value_lr if self.config.stage == "ppo" else None) or self.train_cfg.lr
         groups = []
-        for critic in (False, True):
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith(CRITIC) == critic]
-            lr = (critic_lr if critic else None) or self.train_cfg.lr
-            groups += [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": self.train_cfg.weight_decay,
+        for params, lr in ((self.actor_params, self.train_cfg.lr), (self.critic_params, critic_lr)):
+            groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.train_cfg.weight_decay,
                         "lr": lr},
-                       {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
-        params = [p for g in groups for p in g["params"]]
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+        params = self.actor_params + self.critic_params
         # the fused kernel is much faster than the per-parameter loop on CPU and GPU alike
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
@@ -113,8 +113,7 @@ class Trainer:
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if not self.critic_params or sharded:
             return as_float(clip(self.params)), None
-        critic = {id(p) for p in self.critic_params}
-        return as_float(clip([p for p in self.params if id(p) not in critic])), as_float(clip(self.critic_params))
+        return as_float(clip(self.actor_params)), as_float(clip(self.critic_params))
 
     def _apply_unfreeze(self, epoch: int) -> None:
         if self.gradual:
