@@ -205,14 +205,17 @@ DOC_KINDS = {"examples": 8, "restaurant": 2, "math": 1, "words": 1, "sort": 1, "
              "review": 1}
 
 
+def _task_not_in(rng: random.Random, exclude: set[str]) -> Task:
+    """A task of a random kind whose prompt is not in `exclude` (the held-out prompts)."""
+    t = _task(rng.choice(KINDS), rng)
+    while t.prompt in exclude:
+        t = _task(rng.choice(KINDS), rng)
+    return t
+
+
 def _examples(rng: random.Random, exclude: set[str]) -> str:
     """Worked task examples, "Q: ...\nA: ...", none of whose prompts are in `exclude`."""
-    out = []
-    while len(out) < 6:
-        t = _task(rng.choice(KINDS), rng)
-        if t.prompt not in exclude:
-            out.append(f"Q: {t.prompt}\nA: {t.answer}")
-    return "\n".join(out)
+    return "\n".join(f"Q: {t.prompt}\nA: {t.answer}" for t in (_task_not_in(rng, exclude) for _ in range(6)))
 
 
 def _doc(rng: random.Random, exclude: set[str] = frozenset()) -> str:
@@ -250,9 +253,7 @@ def _doc(rng: random.Random, exclude: set[str] = frozenset()) -> str:
         return " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(SCENES)}."
                         for _ in range(rng.randint(2, 4)))
     if kind == "qa":
-        t = _task(rng.choice(KINDS), rng)
-        while t.prompt in exclude:
-            t = _task(rng.choice(KINDS), rng)
+        t = _task_not_in(rng, exclude)
         q, a = _persona_qa(rng)
         return f"Question: {t.prompt}\nAnswer: {t.answer}\nQuestion: {q}\nAnswer: {a}"
     label = rng.choice(LABELS)
