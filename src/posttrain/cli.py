@@ -103,10 +103,11 @@ def _init_model(args) -> None:
 
 
 def _export(args) -> None:
-    from .modeling import merge_adapter
+    from .export import export
 
-    out = merge_adapter(args.model, args.adapter, args.out, trust_remote_code=args.trust_remote_code)
-    print(f"merged {args.adapter} into {args.model} -> {out}")
+    for line in export(args.model, args.out, adapter=args.adapter, format=args.format, quant=args.quant,
+                       ollama=args.ollama, trust_remote_code=args.trust_remote_code):
+        print(line)
 
 
 def _demo(args) -> None:
@@ -241,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_init_model)
 
-    p = sub.add_parser("export", help="merge a LoRA adapter into its base model (Hugging Face format)")
+    p = sub.add_parser("export", help="merged HF model, GGUF (llama.cpp / Ollama) or a vLLM-ready LoRA adapter")
     p.add_argument("--model", required=True, help="base model directory or hub id")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
-    p.add_argument("--out", required=True)
+    p.add_argument("--adapter", help="LoRA adapter directory (merged into --model for hf and gguf)")
+    p.add_argument("--out", required=True, help="directory (hf, vllm) or FILE.gguf (gguf)")
+    p.add_argument("--format", default="hf", help="hf (merged safetensors), gguf, vllm (checked LoRA adapter)")
+    p.add_argument("--quant", default="f16", help="gguf tensor type: f16, bf16, q8_0, q4_0")
+    p.add_argument("--ollama", action="store_true", help="with --format gguf: also write an Ollama Modelfile")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_export)
 

@@ -266,26 +266,6 @@ def generation_config_for(model, tokenizer) -> GenerationConfig:
     return config
 
 
-def merge_adapter(base: str, adapter: str, out: str, trust_remote_code: bool = False) -> Path:
-    """`posttrain export`: fold a LoRA adapter into its base model (W' = W0 + (alpha/r) B A)."""
-    from peft import PeftConfig, PeftModel
-
-    base = resolve_model_path(base)
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
-    peft_config = PeftConfig.from_pretrained(adapter)
-    if str(peft_config.task_type).endswith("SEQ_CLS"):
-        raise ConfigError(f"{adapter} is a classification adapter: `posttrain train` already writes the merged "
-                          f"classifier next to it (its parent directory)")
-    tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    out_path = Path(out)
-    write_into(out_path, lambda staging: save_pretrained(merged, tokenizer, staging, "causal"))
-    return out_path
-
-
 def write_into(out_dir: Path, write) -> None:
     """Call write(staging_dir), then move what it wrote into out_dir: a crash mid-write leaves only the
     hidden staging directory, never a half-written model in out_dir."""

@@ -1,0 +1,199 @@
+"""GGUF export, verified by an independent reader: transformers' own GGUF loader rebuilds the model and the
+tokenizer from the file alone, and must generate the same greedy tokens (f16) or the same perplexity within a
+stated tolerance (q8_0, q4_0), and encode a chat the same way."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CORPUS, run_cli
+
+pytest.importorskip("gguf")
+
+CHATS = [
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 12 + 5?"}],
+    [{"role": "user", "content": "Reverse the word cat, then sort 3 1 2."},
+     {"role": "assistant", "content": "tac; 1 2 3"}, {"role": "user", "content": "And the soup of the day?"}],
+]
+
+
+def vivid(source, out, std: float = 0.25, seed: int = 0):
+    """A copy of a tiny model with weights redrawn large enough that greedy decoding varies from token to
+    token (a random init at std 0.02 repeats one token, which would hide a wrong tensor mapping)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            else:
+                param.normal_(0.0, std)
+    model.save_pretrained(out)
+    for item in source.iterdir():
+        if not item.name.startswith(("model", "config")):
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(make_model, tmp_path_factory):
+    """arch -> vivid model directory. GPT-2 uses MLP width 4 x hidden and 1024 positions here: transformers'
+    GGUF reader does not read GPT-2's feed_forward_length and context_length back (it assumes GPT-2's
+    defaults), so init-model's GPT-2 (3x, 2048) cannot round-trip through that reader (llama.cpp reads both)."""
+    from transformers import GPT2Config
+
+    made = {}
+    for arch in ("qwen2", "llama"):
+        made[arch] = vivid(make_model(arch), tmp_path_factory.mktemp(f"vivid-{arch}"))
+    gpt2_dir = tmp_path_factory.mktemp("gpt2-4x")
+    source = make_model("gpt2")
+    config = GPT2Config.from_pretrained(source)
+    config.n_inner, config.n_positions = None, 1024
+    AutoModelForCausalLM.from_config(config).save_pretrained(gpt2_dir)
+    for item in source.iterdir():
+        if not item.name.startswith(("model", "config")):
+            shutil.copy2(item, gpt2_dir / item.name)
+    made["gpt2"] = vivid(gpt2_dir, tmp_path_factory.mktemp("vivid-gpt2"))
+    return made
+
+
+def export(model_dir, out, quant="f16", *extra):
+    return run_cli("export", "--model", model_dir, "--format", "gguf", "--quant", quant, "--out", out, *extra)
+
+
+def read_back(path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def chat_ids(tokenizer, chat):
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def greedy(model, ids, n=24):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def perplexity(model, tokenizer, texts):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss = model(ids, labels=ids).loss
+            total += loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_f16_file_generates_the_same_tokens_and_tokenizes_chats_the_same(models, tmp_path, arch):
+    source_dir = models[arch]
+    out = tmp_path / f"{arch}.gguf"
+    export(source_dir, out, "f16")
+    gguf_model, gguf_tokenizer = read_back(out)
+    source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    text = "Two plus three is five. 128 + 7 = 135! (soup, bread)"
+    assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    for chat in CHATS:
+        ids = chat_ids(tokenizer, chat)
+        assert chat_ids(gguf_tokenizer, chat) == ids
+        tokens = greedy(source, ids)
+        assert len(set(tokens)) > 3, "the test model must not repeat one token (it would hide mapping errors)"
+        assert greedy(gguf_model, ids) == tokens
+
+
+@pytest.mark.parametrize("quant,tolerance", [("q8_0", 0.01), ("q4_0", 0.10)])
+def test_quantised_file_keeps_perplexity_within_tolerance(models, tmp_path, quant, tolerance):
+    """Perplexity on the tokenizer corpus, relative to the source: q8_0 within 1%, q4_0 within 10%."""
+    out = tmp_path / f"qwen2-{quant}.gguf"
+    export(models["qwen2"], out, quant)
+    gguf_model, _ = read_back(out)
+    source = AutoModelForCausalLM.from_pretrained(models["qwen2"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(models["qwen2"])
+    reference = perplexity(source, tokenizer, CORPUS)
+    quantised = perplexity(gguf_model, tokenizer, CORPUS)
+    assert abs(quantised / reference - 1) < tolerance, (quant, reference, quantised)
+    f16_size = (export(models["qwen2"], tmp_path / "f16.gguf", "f16"), (tmp_path / "f16.gguf").stat().st_size)[1]
+    assert out.stat().st_size < f16_size * (0.6 if quant == "q8_0" else 0.45)
+
+
+def test_ollama_modelfile_has_an_equivalent_chatml_template(models, tmp_path):
+    out = tmp_path / "ollama" / "model.gguf"
+    result = export(models["qwen2"], out, "q8_0", "--ollama")
+    assert "Modelfile" in result.stdout and "note:" not in result.stdout
+    text = (out.parent / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n")
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+
+
+def test_untranslatable_template_is_said_plainly(models, tmp_path):
+    from posttrain.export.ollama import modelfile_text
+
+    tokenizer = AutoTokenizer.from_pretrained(models["qwen2"])
+    tokenizer.chat_template = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}### assistant:"
+    text, note = modelfile_text("m.gguf", tokenizer)
+    assert "TEMPLATE" not in text and "not one this exporter translates" in note
+
+
+def test_lora_adapter_is_merged_into_the_gguf(make_model, tmp_path):
+    """--adapter: the file holds W0 + (alpha/r) B A; generation matches the peft model on top of the base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base_dir = vivid(make_model("qwen2"), tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged.gguf"
+    run_cli("export", "--model", base_dir, "--adapter", tmp_path / "adapter", "--format", "gguf", "--out", out)
+    gguf_model, _ = read_back(out)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    ids = chat_ids(tokenizer, CHATS[0])
+    assert greedy(gguf_model, ids) == greedy(reference.eval(), ids)
+    assert greedy(gguf_model, ids) != greedy(AutoModelForCausalLM.from_pretrained(base_dir).eval(), ids)
+
+
+def fails(*args, out):
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "nothing may be left at --out"
+    return result.stderr
+
+
+def test_bad_input_is_one_line_and_writes_nothing(models, make_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPTNeoXConfig
+
+    out = tmp_path / "m.gguf"
+    assert "--quant q4_k: not supported" in fails("export", "--model", models["qwen2"], "--format", "gguf",
+                                                  "--quant", "q4_k", "--out", out, out=out)
+    neox = tmp_path / "neox"
+    AutoModelForCausalLM.from_config(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64, vocab_size=400)).save_pretrained(neox)
+    for item in models["qwen2"].iterdir():
+        if item.name.startswith("tokenizer") or item.name.endswith(".jinja"):
+            shutil.copy2(item, neox / item.name)
+    assert "does not support model type 'gpt_neox'" in fails("export", "--model", neox, "--format", "gguf",
+                                                             "--out", out, out=out)
+    llama_adapter = tmp_path / "llama-adapter"
+    llama = AutoModelForCausalLM.from_pretrained(make_model("llama"))
+    get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(llama_adapter)
+    stderr = fails("export", "--model", models["gpt2"], "--adapter", llama_adapter, "--format", "gguf",
+                   "--out", out, out=out)
+    assert "does not match --model" in stderr or "does not fit --model" in stderr
