@@ -13,7 +13,9 @@ HELP = "type a message; /reset starts over, /exit quits"
 
 
 def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None, read=input,
-              write=sys.stdout.write) -> None:
+              write=sys.stdout.write, rag=None) -> None:
+    """rag: a rag.prompt.Augmenter; each user turn then retrieves, the answer is followed by its sources, and
+    the history keeps the turn as typed (the context of earlier turns is not carried along)."""
     def fresh() -> list[dict]:
         return [{"role": "system", "content": system}] if system else []
 
@@ -37,16 +39,27 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None,
         messages.append({"role": "user", "content": line})
         write("assistant> ")
         answer = ""
-        for delta in engine.stream(engine.chat_prompt(messages), params):
+        prompt_messages, citations = rag(messages) if rag else (messages, None)
+        for delta in engine.stream(engine.chat_prompt(prompt_messages), params):
             write(delta.text)
             sys.stdout.flush()
             answer += delta.text
         write("\n")
+        if rag:
+            from .rag.prompt import format_citations
+
+            write(format_citations(citations) + "\n")
         messages.append({"role": "assistant", "content": answer})
 
 
 def run_chat(model: str, adapter: str | None, system: str | None, params: SamplingParams,
-             chat_template: str | None = None) -> None:
+             chat_template: str | None = None, rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None,
+             rag_template: str | None = None) -> None:
+    augmenter = None
+    if rag:
+        from .rag.prompt import load_augmenter
+
+        augmenter = load_augmenter(rag, rag_k, rag_mode, rag_template)
     engine = Engine.load(model, adapter, chat_template=chat_template)
     engine.chat_prompt([{"role": "user", "content": "hi"}])  # no template: one clear error before the prompt
-    chat_loop(engine, params, system)
+    chat_loop(engine, params, system, rag=augmenter)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import PosttrainError
+from .rag.commands import add_rag_arguments, add_rag_commands
 
 
 def _train(args) -> None:
@@ -82,7 +83,8 @@ def _serve(args) -> None:
 
     serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
           chat_template=args.chat_template, dtype=args.dtype, batch_window_ms=args.batch_window_ms,
-          max_batch_wait_ms=args.max_batch_wait_ms)
+          max_batch_wait_ms=args.max_batch_wait_ms, rag=args.rag, rag_k=args.rag_k, rag_mode=args.rag_mode,
+          rag_template=args.rag_template)
 
 
 def _chat(args) -> None:
@@ -91,7 +93,8 @@ def _chat(args) -> None:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template)
+    run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template, rag=args.rag,
+             rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template)
 
 
 def _init_model(args) -> None:
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     _add_data_commands(sub)
+    add_rag_commands(sub)
 
     p = sub.add_parser("score", help="a reward per row from a reward model (stage rm)")
     p.add_argument("--model", required=True, help="reward model directory")
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=10,
                    help="a batch waits this long after the latest request for more to join")
     p.add_argument("--max-batch-wait-ms", type=float, default=50, help="... and at most this long in all")
+    add_rag_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal, streamed (/reset, /exit)")
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    add_rag_arguments(p)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("run", help="run a multi-stage recipe (steps whose inputs are unchanged are skipped)")

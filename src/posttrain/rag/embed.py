@@ -207,3 +207,8 @@ def init_encoder(texts: list[str], out: str | Path, *, hidden: int = 64, layers:
     wrapped.save_pretrained(out)
     write_sentence_transformers_layout(out, hidden, pooling, max_length)
     return out
+
+
+def resolve_pooling(model: str, setting: str) -> str:
+    """`embed.pooling`: `auto` is what the model directory's sentence-transformers config says (mean if none)."""
+    return read_pooling(Path(model)) if setting == "auto" else setting

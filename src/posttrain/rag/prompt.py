@@ -76,3 +76,23 @@ class Augmenter:
         augmented = [dict(m) for m in messages]
         augmented[index]["content"] = render(self.template, question, hits)
         return augmented, [h.citation() for h in hits]
+
+
+def load_augmenter(index: str, k: int = 5, mode: str | None = None, template: str | None = None) -> Augmenter:
+    """The Augmenter `serve --rag` and `chat --rag` use: the index's own embedder, one line when it is empty."""
+    import logging
+
+    from .retrieve import Retriever
+
+    retriever = Retriever(index)
+    if retriever.is_empty():
+        logging.getLogger("posttrain").warning("the index %s is empty: answers will carry no citations", index)
+    return Augmenter(retriever, k, mode, template)
+
+
+def format_citations(citations: list[dict]) -> str:
+    """The sources line `chat --rag` prints under an answer."""
+    if not citations:
+        return "(no citations: nothing in the index matched)"
+    return "sources: " + "; ".join(f"[{n}] {c['source']}" + (f" ({c['heading']})" if c.get("heading") else "")
+                                   for n, c in enumerate(citations, 1))

@@ -25,7 +25,7 @@ from ..errors import DataError
 from .chunk import Chunk
 
 FORMAT = "posttrain-rag/1"
-BUSY_TIMEOUT_S = 5.0
+BUSY_TIMEOUT_S = 3.0
 
 SCHEMA = """
 create table if not exists meta(key text primary key, value text not null);

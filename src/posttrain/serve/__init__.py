@@ -51,7 +51,8 @@ def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", ch
 
 def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           chat_template: str | None = None, dtype: str = "float32", batch_window_ms: float = 10,
-          max_batch_wait_ms: float = 50) -> None:
+          max_batch_wait_ms: float = 50, rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None,
+          rag_template: str | None = None) -> None:
     import uvicorn
 
     from .app import Server, create_app
@@ -63,6 +64,10 @@ def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 800
         raise ConfigError("--batch-window-ms must be >= 0 and --max-batch-wait-ms at least as long")
     server = Server(load_engine(model, adapters, dtype, chat_template), model, adapters, api_key=api_key,
                     batch_window_s=batch_window_ms / 1000, max_batch_wait_s=max_batch_wait_ms / 1000)
+    if rag:  # the last user message retrieves from this index (see rag/prompt.py)
+        from ..rag.prompt import load_augmenter
+
+        server.rag = load_augmenter(rag, rag_k, rag_mode, rag_template)
     names = ", ".join(server.names())
     log.info(f"serving {names} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)

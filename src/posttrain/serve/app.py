@@ -28,6 +28,8 @@ log = logging.getLogger("posttrain")
 class Server:
     """What the routes need: the engine (shared with the batcher), the served names and the limits."""
 
+    rag = None  # `serve --rag`: a rag.prompt.Augmenter, messages -> (messages with context, citations)
+
     def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None,
                  batch_window_s: float = 0.01, max_batch_wait_s: float = 0.05):
         self.engine = engine
@@ -125,7 +127,11 @@ def worker_error(exc: Exception) -> r.APIError:
 async def chat_completions(server: Server, request: Request):
     body = parse(ChatRequest, await request.body())
     server.check_model(body.model)
-    prompt = server.chat_prompt([m.for_template() for m in body.messages], body.tools)
+    messages, citations = [m.for_template() for m in body.messages], None
+    if server.rag is not None and body.rag:
+        messages, citations = await retrieve(server, messages)
+    cited = {"citations": citations} if citations is not None else {}
+    prompt = server.chat_prompt(messages, body.tools)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream and body.logprobs:
         raise r.APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
@@ -133,7 +139,8 @@ async def chat_completions(server: Server, request: Request):
     job = server.batcher.submit(Job(body.model, [prompt] * body.n, params, stream=body.stream))
     id = r.new_id("chatcmpl")
     if body.stream:
-        return StreamingResponse(chat_stream(server, job, id, body, len(prompt)), media_type="text/event-stream")
+        return StreamingResponse(chat_stream(server, job, id, body, len(prompt), cited),
+                                 media_type="text/event-stream")
     try:
         completions, _ = await wait_done(job, request)
     except asyncio.CancelledError:
@@ -143,10 +150,20 @@ async def chat_completions(server: Server, request: Request):
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": r.chat_logprobs(server.tokenizer, c) if body.logprobs else None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
-    return r.envelope(id, "chat.completion", body.model, choices, usage=r.usage(len(prompt), completions))
+    return r.envelope(id, "chat.completion", body.model, choices, usage=r.usage(len(prompt), completions), **cited)
 
 
-async def chat_stream(server: Server, job: Job, id: str, body: ChatRequest, prompt_tokens: int):
+async def retrieve(server: Server, messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The RAG hook: retrieval runs off the event loop; a failing index is a 503 naming it."""
+    from ..errors import PosttrainError
+
+    try:
+        return await asyncio.to_thread(server.rag, messages)
+    except PosttrainError as exc:
+        raise r.APIError(503, f"retrieval failed: {exc}", type="internal_error") from None
+
+
+async def chat_stream(server: Server, job: Job, id: str, body: ChatRequest, prompt_tokens: int, cited: dict):
     def chunk(choices, **extra):
         return r.sse(r.envelope(id, "chat.completion.chunk", body.model, choices, **extra,
                                 **({"usage": None} if body.include_usage and "usage" not in extra else {})))
@@ -162,10 +179,11 @@ async def chat_stream(server: Server, job: Job, id: str, body: ChatRequest, prom
                 yield chunk([delta(payload[0], {"content": payload[1]})])
             else:
                 completions = payload
-                for index, completion in enumerate(completions):
-                    yield chunk([delta(index, {}, completion.finish_reason)])
+                for index, completion in enumerate(completions):  # citations go on the final chunk
+                    final = index == len(completions) - 1 and not body.include_usage
+                    yield chunk([delta(index, {}, completion.finish_reason)], **(cited if final else {}))
                 if body.include_usage:
-                    yield chunk([], usage=r.usage(prompt_tokens, completions))
+                    yield chunk([], usage=r.usage(prompt_tokens, completions), **cited)
         yield r.sse("[DONE]")
     finally:
         job.cancelled.set()  # a no-op once answered; stops the rows when the client went away

@@ -76,6 +76,7 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
+    rag: bool = True  # with `serve --rag`: false answers without retrieval
 
     @property
     def token_budget(self) -> int | None:
