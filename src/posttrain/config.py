@@ -239,12 +239,20 @@ class GRPOConfig(RLConfig):
                                                                 "without an end-of-turn token (null: none).")
 
 
+class EmbedConfig(Section):
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature tau: similarities are cosines / tau.")
+    pooling: Literal["auto", "mean", "cls"] = Field(
+        "auto", description="A text's vector: the mean of its token states or its first ([CLS]) token's state. "
+                            "`auto`: what the model directory's sentence-transformers config says, else mean.")
+
+
 class Config(Section):
-    stage: Literal["pt", "sft", "classify", "rm", "dpo", "kto", "ppo", "grpo"] = Field(
+    stage: Literal["pt", "sft", "classify", "rm", "dpo", "kto", "ppo", "grpo", "embed"] = Field(
         description="What to train: `pt` continued pretraining on raw text, `sft` supervised fine-tuning, "
                     "`classify` text classification, `rm` a reward model from preference pairs, `dpo` the DPO "
                     "family on preference pairs, `kto` KTO on unpaired desirable/undesirable examples, `ppo` "
-                    "RLHF with PPO and `grpo` GRPO/RLOO/REINFORCE++ on prompts scored by `rewards`.")
+                    "RLHF with PPO and `grpo` GRPO/RLOO/REINFORCE++ on prompts scored by `rewards`; `embed` a "
+                    "text embedder for RAG retrieval (contrastive, on query/positive pairs).")
     model: str = Field(description="Model directory or hub id (AutoModelForCausalLM, or "
                                    "AutoModelForSequenceClassification for classify).")
     output_dir: str = Field(description="Where the result lands: the model or adapter itself, with "
@@ -270,6 +278,7 @@ class Config(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -284,6 +293,9 @@ class Config(Section):
             raise ValueError("freeze.gradual_unfreeze needs freeze.trainable_layers")
         if self.data.packing and self.stage not in ("pt", "sft"):
             raise ValueError("data.packing applies to pt and sft only")
+        if self.stage == "embed" and self.adapter.type == "lora":
+            raise ValueError("stage embed trains the whole encoder or its top layers (freeze.trainable_layers), "
+                             "not a LoRA adapter")
         reference = self.dpo.strategy
         if reference == "auto":
             reference = "adapter" if self.adapter.type == "lora" else "precompute"
@@ -426,7 +438,7 @@ def reference_markdown() -> str:
 
     lines += ["## Top level", ""]
     table(Config, "")
-    for name in ("data", "train", "adapter", "freeze", "rm", "dpo", "kto", "generation", "ppo", "grpo"):
+    for name in ("data", "train", "adapter", "freeze", "rm", "dpo", "kto", "generation", "ppo", "grpo", "embed"):
         lines += [f"## `{name}`", ""]
         table(Config.model_fields[name].annotation, f"{name}.")
     lines += ["## Data source entries (`data.train` / `data.eval` items)", ""]

@@ -362,3 +362,26 @@ def aggregate(per_token: Tensor, mask: Tensor, how: str = "token_mean") -> tuple
     if how == "sequence_mean":
         return masked_mean(per_token, mask, dim=1).sum(), float(mask.shape[0])
     raise ValueError(f"unknown loss aggregation {how!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedders (stage embed, for RAG retrieval): contrastive InfoNCE with in-batch negatives.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def info_nce(queries: Tensor, candidates: Tensor, temperature: float = 0.05) -> tuple[Tensor, Tensor]:
+    """InfoNCE with in-batch negatives (van den Oord et al. 2018; DPR, Karpukhin et al. 2020).
+
+    queries [B, D]; candidates [C, D], C >= B: candidate i is query i's positive, every other candidate (the other
+    queries' positives, then any hard negatives appended after the B positives) is a negative for it.
+
+        s_ij = cos(q_i, c_j) / tau
+        L_i  = -log( exp(s_ii) / sum_j exp(s_ij) ) = logsumexp_j(s_ij) - s_ii
+
+    Returns (L [B], the logits s [B, C]), in fp32.
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    c = F.normalize(candidates.float(), dim=-1)
+    logits = q @ c.T / temperature
+    targets = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(logits, targets, reduction="none"), logits

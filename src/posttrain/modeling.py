@@ -146,6 +146,10 @@ def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_
         model = _from_pretrained(AutoModelForSequenceClassification, name, kwargs)
         if task == "reward" and not _is_sequence_classifier(name):
             _init_reward_head(model)
+    elif task == "embed":  # an encoder whose hidden states are pooled (stage embed)
+        from transformers import AutoModel
+
+        model = _from_pretrained(AutoModel, name, kwargs)
     else:
         model = _from_pretrained(AutoModelForCausalLM, name, kwargs)
     if tokenizer is not None and model.config.pad_token_id is None:

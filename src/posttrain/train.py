@@ -104,6 +104,13 @@ def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path) -
             save_pretrained(model, tokenizer, staging / "adapter", stage.task)
             to_save = model.merge_and_unload()
         save_pretrained(to_save, tokenizer, staging, stage.task)
+        if stage.task == "embed":  # sentence-transformers' files, so the encoder loads there too
+            from .rag.embed import resolve_pooling, write_sentence_transformers_layout
+
+            limit = getattr(to_save.config, "max_position_embeddings", None) or config.data.max_length
+            write_sentence_transformers_layout(staging, to_save.config.hidden_size,
+                                               resolve_pooling(config.model, config.embed.pooling),
+                                               min(config.data.max_length, limit))
 
     write_into(out_dir, write)
 

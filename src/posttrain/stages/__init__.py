@@ -14,6 +14,7 @@ from .dpo import STAGE as DPO
 from .kto import STAGE as KTO
 from .rm import STAGE as RM
 from .online import GRPO, PPO
+from .embed import STAGE as EMBED
 
 STAGES = {
     "pt": Stage("pt", "text", "causal", lm_loss, lm_evaluate),
@@ -24,6 +25,7 @@ STAGES = {
     "kto": KTO,
     "ppo": PPO,
     "grpo": GRPO,
+    "embed": EMBED,
 }
 
 __all__ = ["STAGES", "Stage", "count_items"]
