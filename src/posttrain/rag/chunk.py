@@ -8,7 +8,8 @@ reason; the indexer names it and counts it as skipped.
 Chunking is structure-aware: a chunk never crosses a Markdown heading (its `heading` is the path of headings
 above it, "Menu > Desserts", or "page 3" in a PDF) and never splits a paragraph that fits the budget. Whole
 paragraphs under one heading are packed together up to `chunk_tokens` tokens; a paragraph longer than that is cut
-into windows of `chunk_tokens` tokens that overlap by `overlap` tokens. Tokens are the embedder tokenizer's when
+into windows of `chunk_tokens` tokens that overlap by `overlap` tokens (widened to whole words where a
+window edge falls inside one). Tokens are the embedder tokenizer's when
 the index has an embedder (so a chunk fits its context), else words and punctuation marks. A chunk is an exact
 span of its document's text: `text == document.text[start:end]`.
 """
@@ -185,6 +186,15 @@ def paragraphs(doc: Document) -> list[tuple[str, int, int]]:
     return result
 
 
+def _whole_words(text: str, start: int, end: int, lower: int, upper: int) -> tuple[int, int]:
+    """Widen a window whose edge falls inside a word (a subword token) to the word's edges."""
+    while start > lower and not text[start - 1].isspace():
+        start -= 1
+    while end < upper and not text[end].isspace():
+        end += 1
+    return start, end
+
+
 def chunk_document(doc: Document, chunk_tokens: int = 256, overlap: int = 32,
                    spans: Spans = word_spans) -> list[Chunk]:
     if chunk_tokens < 1 or not 0 <= overlap < chunk_tokens:
@@ -198,7 +208,8 @@ def chunk_document(doc: Document, chunk_tokens: int = 256, overlap: int = 32,
         stride = chunk_tokens - overlap
         for first in range(0, len(tokens) - overlap, stride):
             window = tokens[first:first + chunk_tokens]
-            pieces.append((heading, start + window[0][0], start + window[-1][1], len(window)))
+            pieces.append((heading, *_whole_words(doc.text, start + window[0][0], start + window[-1][1], start, end),
+                           len(window)))
     chunks: list[Chunk] = []
     group: list[tuple[str, int, int, int]] = []
 

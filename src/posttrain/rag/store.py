@@ -1,7 +1,8 @@
 """Where chunks live: one small interface (`Store`) and its default, one SQLite file.
 
 The SQLite store keeps chunks with their source, heading and character offsets in a plain table, their words in
-an FTS5 table (BM25 ranking) and their vectors in a sqlite-vec `vec0` table (cosine distance, exact search), all
+an FTS5 table (BM25 ranking over
+Porter-stemmed words: "cost" finds "costs") and their vectors in a sqlite-vec `vec0` table (cosine distance, exact search), all
 in one file in WAL mode. Python's own sqlite3 module often cannot load extensions, so the file is opened with
 sqlean-py (a SQLite build that can) and sqlite-vec's extension comes from its PyPI wheel.
 
@@ -34,7 +35,8 @@ create table if not exists chunks(id integer primary key, file text not null, so
                                   heading text not null, text text not null, start_char integer not null,
                                   end_char integer not null);
 create index if not exists chunks_by_file on chunks(file);
-create virtual table if not exists fts using fts5(heading, text, content='', contentless_delete=1);
+create virtual table if not exists fts using fts5(heading, text, content='', contentless_delete=1,
+                                                  tokenize='porter unicode61 remove_diacritics 2');
 """
 
 
