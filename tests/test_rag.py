@@ -358,3 +358,40 @@ def test_embedder_vectors_are_unit_length_and_batch_independent(encoder):
     assert together.shape == (3, 32)
     assert torch.allclose(torch.tensor(together), torch.tensor(alone), atol=1e-5)
     assert torch.allclose(torch.tensor(together).norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_posttrain_eval_with_rag_answers_from_the_retrieved_context(index, corpus, tiny_model, tmp_path, capsys):
+    from posttrain.engine import Engine, SamplingParams
+    from posttrain.rag.prompt import DEFAULT_TEMPLATE, render
+
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": q["question"], "answer": q["answer"], "kind": "rag"}
+                                                   for q in corpus[1][:3]])
+    generations = tmp_path / "generations.jsonl"
+    code, out, _ = cli(capsys, "eval", "--model", tiny_model, "--tasks", tasks, "--rag", index[0], "--rag-k", 2,
+                       "--rag-mode", "bm25", "--max-new-tokens", 6, "--generations", generations)
+    assert code == 0
+    answers = [json.loads(line)["response"] for line in generations.read_text().splitlines()]
+    engine, retriever = Engine.load(tiny_model), Retriever(index[0])
+    prompts = [engine.chat_prompt([{"role": "user", "content": render(DEFAULT_TEMPLATE, q["question"],
+                                                                       retriever.search(q["question"], 2, "bm25"))}])
+               for q in corpus[1][:3]]
+    retriever.close()
+    expected = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    assert answers == [c.text for c in expected]
+
+
+def test_recipe_steps_index_and_make_sft_data(corpus, questions_file, tmp_path):
+    from posttrain.recipe import run_recipe
+
+    folder = tmp_path / "docs"
+    shutil.copytree(corpus[0], folder, ignore=shutil.ignore_patterns("broken.md", "logo.png"))
+    recipe = {"out": str(tmp_path / "run"), "steps": [
+        {"name": "index", "kind": "rag-index", "paths": str(folder), "chunk_tokens": 48},
+        {"name": "raft", "kind": "rag-sft-data", "index": "${index.output}", "questions": str(questions_file),
+         "k": 2, "no_answer": 0.5}]}
+    results = run_recipe(recipe)
+    assert results["index"]["result"]["chunks"] > 0 and results["raft"]["result"]["rows"] > 0
+    assert all(not r["skipped"] for r in results.values())
+    write_promotion(folder, seed=11)  # a changed document reruns the index step (incrementally) and what reads it
+    again = run_recipe(recipe)
+    assert again["index"]["result"]["changed"] == 1 and not again["raft"]["skipped"]

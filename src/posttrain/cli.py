@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import PosttrainError
-from .rag.commands import add_rag_arguments, add_rag_commands
+from .rag.commands import add_rag_arguments, add_rag_commands, rag_augmenter
 
 
 def _train(args) -> None:
@@ -72,6 +72,7 @@ def _eval(args) -> None:
                       reward_model=args.reward_model, reference=args.reference, max_new_tokens=args.max_new_tokens,
                       n_samples=args.n_samples, batch_size=args.batch_size, max_length=args.max_length,
                       checker=args.checker, chat_template=args.chat_template, generations_out=args.generations,
+                      rag=rag_augmenter(args),
                       samples=args.samples, temperature=args.temperature, seed=args.seed)
     print(format_result(result))
     if args.out:
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
                                      "default: the demo's task checker")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    add_rag_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")

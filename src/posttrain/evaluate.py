@@ -55,7 +55,7 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
              max_new_tokens: int = 64, n_samples: int | None = None, batch_size: int = 16,
              max_length: int = 1024, checker: str | Callable | None = None, chat_template: str | None = None,
              generations_out: str | None = None, samples: int = 0, temperature: float = 1.0,
-             seed: int = 0) -> dict:
+             rag=None, seed: int = 0) -> dict:
     """Every metric the inputs allow (see the module docstring); the others are None."""
     if batch_size < 1 or (n_samples is not None and n_samples < 1):
         raise ConfigError("eval: batch_size and n_samples must be at least 1")
@@ -69,7 +69,7 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
     engine = Engine.load(model, adapter, chat_template=chat_template)
     rows, prompts, completions, checks, scores, sampled = [], [], [], None, None, None
     if tasks:
-        rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size)
+        rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size, rag)
         metrics, checks = _task_metrics(rows, completions, _checker(checker))
         result.update(metrics)
         if samples:
@@ -101,11 +101,12 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
 
 # ---------------------------------------------------------------- task answers and the checker
 
-def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | None, batch_size: int):
+def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | None, batch_size: int, rag=None):
     """Greedy answers for the task prompts, batched by prompt length (a row's answer does not depend on
-    its neighbours), returned in file order."""
+    its neighbours), returned in file order. `rag` (a rag.prompt.Augmenter, `eval --rag INDEX`): each prompt's
+    last user turn retrieves first and is answered in the serving template."""
     rows = read_prompts(path)[:n_samples]
-    token_prompts = [_prompt_ids(engine, messages) for _, messages in rows]
+    token_prompts = [_prompt_ids(engine, rag(messages)[0] if rag else messages) for _, messages in rows]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     order = sorted(range(len(rows)), key=lambda i: len(token_prompts[i]))
     completions: list[Completion | None] = [None] * len(rows)

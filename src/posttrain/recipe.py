@@ -226,6 +226,38 @@ def _run_eval(cfg: dict, out: Path) -> dict:
     return result
 
 
+class RagIndexStep(_Keys):
+    paths: str | list[str]
+    embedder: str | None = None
+    chunk_tokens: int = 256
+    overlap: int = 32
+
+
+class RagSftDataStep(_Keys):
+    index: str
+    questions: str
+    k: int = 3
+    no_answer: float = 0.2
+    seed: int = 0
+    mode: str | None = None
+    template: str | None = None
+
+
+def _run_rag_index(cfg: dict, out: Path) -> dict:
+    from .rag.index import build_index
+
+    paths = cfg.pop("paths")
+    report = build_index(paths if isinstance(paths, list) else [paths], str(out), **cfg)
+    return {"chunks": report.chunks, "new": len(report.added), "changed": len(report.changed),
+            "removed": len(report.removed), "skipped": len(report.skipped) + len(report.problems)}
+
+
+def _run_rag_sft_data(cfg: dict, out: Path) -> dict:
+    from .rag.sft_data import make_sft_data
+
+    return make_sft_data(cfg.pop("index"), cfg.pop("questions"), str(out), **cfg)
+
+
 @dataclass(frozen=True)
 class Kind:
     keys: type[_Keys] | None  # None: a `posttrain train` config, validated by config.build_config
@@ -241,6 +273,8 @@ KINDS = {
     "pairs": Kind(PairsStep, "pairs.jsonl", _run_pairs),
     "score": Kind(ScoreStep, "scored.jsonl", _run_score),
     "eval": Kind(EvalStep, "eval.json", _run_eval),
+    "rag-index": Kind(RagIndexStep, "index.db", _run_rag_index),  # incremental when rerun on changed files
+    "rag-sft-data": Kind(RagSftDataStep, "sft.jsonl", _run_rag_sft_data),
 }
 
 

@@ -140,3 +140,12 @@ def add_rag_arguments(p) -> None:
     p.add_argument("--rag-k", type=int, default=5, help="chunks put into the prompt")
     p.add_argument("--rag-mode", choices=MODES, help="default: hybrid when the index has vectors, else bm25")
     p.add_argument("--rag-template", help="prompt template (file or text with {context} and {question})")
+
+
+def rag_augmenter(args):
+    """The Augmenter `--rag INDEX` asks for (serve, chat, eval), or None."""
+    if not getattr(args, "rag", None):
+        return None
+    from .prompt import load_augmenter
+
+    return load_augmenter(args.rag, args.rag_k, args.rag_mode, args.rag_template)
