@@ -112,19 +112,48 @@ def test_f16_file_generates_the_same_tokens_and_tokenizes_chats_the_same(models,
         assert greedy(gguf_model, ids) == tokens
 
 
+WORDS = ["cat", "dog", "soup", "bread", "tea", "rice", "fish", "cake", "lamp", "tree", "book", "door"]
+
+
+def reverse_chats(n: int, offset: int = 0) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Reverse {WORDS[i % len(WORDS)]} {i % 7}"},
+             {"role": "assistant", "content": f"{WORDS[i % len(WORDS)][::-1]} {i % 7}"}]
+            for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def sft_model(make_model, tmp_path_factory):
+    """A tiny qwen2 trained for 60 SFT steps (reversing words), so perplexity means something."""
+    from conftest import write_jsonl
+    from posttrain.config import build_config
+    from posttrain.train import run_training
+
+    root = tmp_path_factory.mktemp("sft")
+    data = write_jsonl(root / "sft.jsonl", [{"messages": chat} for chat in reverse_chats(96)])
+    run_training(build_config({"stage": "sft", "model": str(make_model("qwen2")), "output_dir": str(root / "out"),
+                               "data": {"train": str(data), "max_length": 64},
+                               "train": {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "seed": 1}}))
+    return root / "out"
+
+
 @pytest.mark.parametrize("quant,tolerance", [("q8_0", 0.01), ("q4_0", 0.10)])
-def test_quantised_file_keeps_perplexity_within_tolerance(models, tmp_path, quant, tolerance):
-    """Perplexity on the tokenizer corpus, relative to the source: q8_0 within 1%, q4_0 within 10%."""
-    out = tmp_path / f"qwen2-{quant}.gguf"
-    export(models["qwen2"], out, quant)
+def test_quantised_file_keeps_perplexity_within_tolerance(sft_model, tmp_path, quant, tolerance):
+    """Perplexity on held-out chats relative to the source model: q8_0 within 1%, q4_0 within 10%; the
+    file is smaller than the f16 one by about the bits per weight."""
+    from posttrain.export.gguf import write_gguf
+    from posttrain.export.hf import load_merged
+
+    source, tokenizer = load_merged(str(sft_model))
+    f16 = write_gguf(source, tokenizer, tmp_path / "f16.gguf", "f16")
+    out = write_gguf(source, tokenizer, tmp_path / f"{quant}.gguf", quant)
     gguf_model, _ = read_back(out)
-    source = AutoModelForCausalLM.from_pretrained(models["qwen2"]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(models["qwen2"])
-    reference = perplexity(source, tokenizer, CORPUS)
-    quantised = perplexity(gguf_model, tokenizer, CORPUS)
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in reverse_chats(24, offset=500)]
+    reference = perplexity(source, tokenizer, texts)
+    quantised = perplexity(gguf_model, tokenizer, texts)
+    assert reference < 150, f"the trained model should beat a uniform guess (400) by far ({reference:.1f})"
+    print(f"{quant}: perplexity {reference:.3f} -> {quantised:.3f}")
     assert abs(quantised / reference - 1) < tolerance, (quant, reference, quantised)
-    f16_size = (export(models["qwen2"], tmp_path / "f16.gguf", "f16"), (tmp_path / "f16.gguf").stat().st_size)[1]
-    assert out.stat().st_size < f16_size * (0.6 if quant == "q8_0" else 0.45)
+    assert out.stat().st_size < f16.stat().st_size * (0.6 if quant == "q8_0" else 0.45)
 
 
 def test_ollama_modelfile_has_an_equivalent_chatml_template(models, tmp_path):

@@ -73,7 +73,7 @@ def _eval(args) -> None:
                       n_samples=args.n_samples, batch_size=args.batch_size, max_length=args.max_length,
                       checker=args.checker, chat_template=args.chat_template, generations_out=args.generations,
                       rag=rag_augmenter(args),
-                      samples=args.samples, temperature=args.temperature, seed=args.seed)
+                      samples=args.samples, temperature=args.temperature, seed=args.seed, quantize=args.quantize)
     print(format_result(result))
     if args.out:
         print(f"-> {write_result(result, args.out)}")
@@ -85,7 +85,7 @@ def _serve(args) -> None:
     serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
           chat_template=args.chat_template, dtype=args.dtype, batch_window_ms=args.batch_window_ms,
           max_batch_wait_ms=args.max_batch_wait_ms, rag=args.rag, rag_k=args.rag_k, rag_mode=args.rag_mode,
-          rag_template=args.rag_template)
+          rag_template=args.rag_template, quantize=args.quantize)
 
 
 def _chat(args) -> None:
@@ -95,7 +95,7 @@ def _chat(args) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template, rag=args.rag,
-             rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template)
+             rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize)
 
 
 def _init_model(args) -> None:
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a batch waits this long after the latest request for more to join")
     p.add_argument("--max-batch-wait-ms", type=float, default=50, help="... and at most this long in all")
     add_rag_arguments(p)
+    p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal, streamed (/reset, /exit)")
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     add_rag_arguments(p)
+    p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("run", help="run a multi-stage recipe (steps whose inputs are unchanged are skipped)")
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: the demo's task checker")
     p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
     add_rag_arguments(p)
+    p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")

@@ -112,6 +112,18 @@ class AdapterConfig(Section):
         "all-linear", description="Modules to adapt: `all-linear` or a list of module names "
                                   "(q_proj, v_proj, c_attn, ...). Linear and GPT-2's Conv1D are supported.")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="DoRA: the weight split into a magnitude and a direction, LoRA "
+                                              "adapting the direction (peft use_dora). vLLM does not serve DoRA "
+                                              "adapters; merged exports (hf, gguf) are fine.")
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base through bitsandbytes (4bit: NF4, double quantisation, "
+                          "bf16 compute; 8bit: LLM.int8) and train LoRA on top. Needs a CUDA GPU.")
+
+    @model_validator(mode="after")
+    def _lora_only(self) -> "AdapterConfig":
+        if self.type != "lora" and (self.quantize or self.use_dora):
+            raise ValueError("adapter.quantize and adapter.use_dora need adapter.type: lora")
+        return self
 
 
 class FreezeConfig(Section):

@@ -116,8 +116,10 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def load(cls, model_dir, adapter=None, dtype=torch.float32, chat_template: str | None = None) -> "Engine":
-        """A model directory (or hub id), optionally with a LoRA adapter directory on top of it."""
+    def load(cls, model_dir, adapter=None, dtype=torch.float32, chat_template: str | None = None,
+             quantize: str | None = None) -> "Engine":
+        """A model directory (or hub id), optionally with a LoRA adapter directory on top of it; `quantize`
+        ("int8") quantises the linear weights after the adapter is attached (see quantize.py)."""
         from pathlib import Path
 
         from .modeling import load_model, load_tokenizer
@@ -134,7 +136,9 @@ class Engine:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter))
-        return cls(model.eval(), tokenizer)
+        from .quantize import quantize_weights
+
+        return cls(quantize_weights(model.eval(), quantize), tokenizer)
 
     # ---------------------------------------------------------------- public entry points
 

@@ -55,7 +55,7 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
              max_new_tokens: int = 64, n_samples: int | None = None, batch_size: int = 16,
              max_length: int = 1024, checker: str | Callable | None = None, chat_template: str | None = None,
              generations_out: str | None = None, samples: int = 0, temperature: float = 1.0,
-             rag=None, seed: int = 0) -> dict:
+             rag=None, seed: int = 0, quantize: str | None = None) -> dict:
     """Every metric the inputs allow (see the module docstring); the others are None."""
     if batch_size < 1 or (n_samples is not None and n_samples < 1):
         raise ConfigError("eval: batch_size and n_samples must be at least 1")
@@ -66,7 +66,7 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
     if not (tasks or data or pairs):
         raise ConfigError("eval: nothing to evaluate; give tasks (--tasks), data (--data) or pairs (--pairs)")
     result: dict = {"model": str(model), "adapter": adapter and str(adapter), **dict.fromkeys(METRICS)}
-    engine = Engine.load(model, adapter, chat_template=chat_template)
+    engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize)
     rows, prompts, completions, checks, scores, sampled = [], [], [], None, None, None
     if tasks:
         rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size, rag)

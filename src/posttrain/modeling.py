@@ -127,11 +127,16 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 
 def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, labels: list[str] | None = None,
-               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+               dtype: torch.dtype = torch.float32, quantize: str | None = None) -> PreTrainedModel:
     """task: "causal" (AutoModelForCausalLM), "classify" (AutoModelForSequenceClassification with `labels`)
-    or "reward" (AutoModelForSequenceClassification with one output: a scalar reward)."""
+    or "reward" (AutoModelForSequenceClassification with one output: a scalar reward). quantize: "4bit" /
+    "8bit" loads a bitsandbytes base for QLoRA (quantize.py)."""
     name = resolve_model_path(name)
     kwargs: dict = dict(trust_remote_code=trust_remote_code, dtype=dtype)
+    if quantize is not None:
+        from .quantize import qlora_load_kwargs
+
+        kwargs.update(qlora_load_kwargs(quantize))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if task in ("classify", "reward"):
@@ -192,8 +197,12 @@ def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
             raise ConfigError(f"adapter.target: no module named {', '.join(missing)} in this model "
                               f"(linear modules: {', '.join(sorted(linear_module_names(model)))})")
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=target,
-                        use_rslora=adapter.rslora,
+                        use_rslora=adapter.rslora, use_dora=adapter.use_dora,
                         task_type=TaskType.SEQ_CLS if task in ("classify", "reward") else TaskType.CAUSAL_LM)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training  # QLoRA: norms in fp32, input grads for checkpointing
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, config)
 
 

@@ -82,7 +82,8 @@ def build_units(features: list[dict], config: Config, stage: Stage, pad_id: int,
 
 def build_model(config: Config, stage: Stage, tokenizer, labels):
     model = load_model(config.model, stage.task, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation, labels=labels)
+                       attn_implementation=config.attn_implementation, labels=labels,
+                       quantize=config.adapter.quantize if config.method == "lora" else None)
     if config.method == "lora":
         model = apply_lora(model, config.adapter, stage.task)
     elif config.method == "freeze":

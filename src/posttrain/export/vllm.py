@@ -37,7 +37,8 @@ def check_adapter(adapter: str) -> list[str]:
         problems.append(f"bias '{config['bias']}' needs `--enable-lora-bias` on the server")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    unsupported = sorted(t for t in targets if t not in VLLM_MODULES)
+    # peft may record full paths (model.layers.0.self_attn.q_proj); vLLM matches the module's own name
+    unsupported = sorted({t.rsplit(".", 1)[-1] for t in targets} - VLLM_MODULES)
     if unsupported:
         problems.append(f"target modules {', '.join(unsupported)} are not projections vLLM applies LoRA to")
     if not (Path(adapter) / "adapter_model.safetensors").is_file():

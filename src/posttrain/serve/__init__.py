@@ -33,7 +33,8 @@ def parse_loras(values: list[str]) -> dict[str, str]:
     return adapters
 
 
-def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", chat_template: str | None = None):
+def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", chat_template: str | None = None,
+                quantize: str | None = None):
     from ..engine import Engine
     from ..modeling import load_model, load_tokenizer
 
@@ -46,13 +47,15 @@ def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", ch
         network = PeftModel.from_pretrained(network, first_dir, adapter_name=first)
         for name, path in rest:
             network.load_adapter(path, adapter_name=name)
-    return Engine(network.eval(), tokenizer)
+    from ..quantize import quantize_weights
+
+    return Engine(quantize_weights(network.eval(), quantize), tokenizer)
 
 
 def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           chat_template: str | None = None, dtype: str = "float32", batch_window_ms: float = 10,
           max_batch_wait_ms: float = 50, rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None,
-          rag_template: str | None = None) -> None:
+          rag_template: str | None = None, quantize: str | None = None) -> None:
     import uvicorn
 
     from .app import Server, create_app
@@ -62,7 +65,7 @@ def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 800
         raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
     if batch_window_ms < 0 or max_batch_wait_ms < batch_window_ms:
         raise ConfigError("--batch-window-ms must be >= 0 and --max-batch-wait-ms at least as long")
-    server = Server(load_engine(model, adapters, dtype, chat_template), model, adapters, api_key=api_key,
+    server = Server(load_engine(model, adapters, dtype, chat_template, quantize), model, adapters, api_key=api_key,
                     batch_window_s=batch_window_ms / 1000, max_batch_wait_s=max_batch_wait_ms / 1000)
     if rag:  # the last user message retrieves from this index (see rag/prompt.py)
         from ..rag.prompt import load_augmenter
