@@ -55,7 +55,7 @@ def trained_spans(tokenizer, feature) -> list[str]:
 
 
 def test_multi_turn_trains_assistant_content_and_end_marker(tokenizer):
-    feature = encode_conversation(tokenizer, CHAT, max_length=512)
+    [feature] = encode_conversation(tokenizer, CHAT, max_length=512)
     assert trained_spans(tokenizer, feature) == ["At nine in the morning.<|im_end|>", "Tomato with basil.<|im_end|>"]
     assert not feature["truncated"]
     text = tokenizer.decode(feature["input_ids"])
@@ -66,7 +66,7 @@ def test_multi_turn_trains_assistant_content_and_end_marker(tokenizer):
 
 
 def test_train_on_prompt_trains_everything(tokenizer):
-    feature = encode_conversation(tokenizer, CHAT, max_length=512, train_on_prompt=True)
+    [feature] = encode_conversation(tokenizer, CHAT, max_length=512, train_on_prompt=True)
     assert feature["labels"] == feature["input_ids"]
 
 
@@ -78,17 +78,17 @@ def test_tools_and_tool_calls(tokenizer):
         {"role": "tool", "content": "tomato"},
         {"role": "assistant", "content": "Tomato soup."},
     ])
-    feature = encode_conversation(tokenizer, conv, max_length=512)
+    [feature] = encode_conversation(tokenizer, conv, max_length=512)
     call = '<tool_call>{"name": "menu", "arguments": {}}</tool_call><|im_end|>'
     assert trained_spans(tokenizer, feature) == [call, "Tomato soup.<|im_end|>"]
     assert '"name": "menu"' in tokenizer.decode(feature["input_ids"]).split("<|im_end|>")[0]  # tools listed
 
 
 def test_truncation_is_counted(tokenizer):
-    full = encode_conversation(tokenizer, CHAT, max_length=512)
+    [full] = encode_conversation(tokenizer, CHAT, max_length=512)
     first_trained = next(i for i, label in enumerate(full["labels"]) if label != -100)
     first_end = full["labels"].index(-100, first_trained)  # cut inside the second turn
-    feature = encode_conversation(tokenizer, CHAT, max_length=first_end + 2)
+    [feature] = encode_conversation(tokenizer, CHAT, max_length=first_end + 2)
     assert feature["truncated"] and len(feature["input_ids"]) == first_end + 2
     assert feature["input_ids"] == full["input_ids"][:first_end + 2]
     features, stats = encode_all([CHAT, CHAT], tokenizer, "sft", max_length=first_end + 2)
@@ -117,7 +117,7 @@ def test_no_chat_template_is_a_clear_error(tokenizer):
 def test_llama3_style_template(tokenizer):
     tokenizer.chat_template = LLAMA3_TEMPLATE
     tokenizer.bos_token = "<|endoftext|>"
-    feature = encode_conversation(tokenizer, CHAT, max_length=512)
+    [feature] = encode_conversation(tokenizer, CHAT, max_length=512)
     assert trained_spans(tokenizer, feature) == ["At nine in the morning.<|eot_id|>", "Tomato with basil.<|eot_id|>"]
     bos = tokenizer.bos_token_id
     assert feature["input_ids"][0] == bos and feature["input_ids"][1] != bos  # BOS once, from the template
@@ -131,7 +131,7 @@ def test_template_that_drops_earlier_reasoning(tokenizer):
         {"role": "user", "content": "And the soup?"},
         {"role": "assistant", "content": "<think>Look at the menu.</think>\n\nTomato."},
     ])
-    feature = encode_conversation(tokenizer, conv, max_length=512)
+    [feature] = encode_conversation(tokenizer, conv, max_length=512)
     assert trained_spans(tokenizer, feature) == [
         "At nine.<|im_end|>", "<think>Look at the menu.</think>\n\nTomato.<|im_end|>"]
 
