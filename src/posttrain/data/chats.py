@@ -14,12 +14,14 @@ from .sources import Row
 # LLaMA-Factory's canonical column names -> ours, per format
 _ALIASES = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
             "sharegpt": {"messages": "conversations"}, "text": {"prompt": "text"},
-            "classification": {"prompt": "text"}}
+            "classification": {"prompt": "text"},
+            "preference": {"chosen_messages": "chosen", "rejected_messages": "rejected"}}  # LLaMA-Factory v1
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
                   "function": "tool"}  # OpenAI's older name for a tool result
 ALPACA_JOIN = "\n"  # instruction + input, joined as LLaMA-Factory does ("instruction\ninput")
+MEDIA_PARTS = ("image", "video", "audio")  # content part types starting so: image_url, input_audio, ...
 
 
 class _Fields:
@@ -85,19 +87,33 @@ def _turn(f: _Fields, turn, where: str, role_key: str, content_key: str, roles: 
     if role is None:
         raise f.error(f"unknown role {tag!r} (allowed: {', '.join(roles)})", f"{where}.{role_key}")
     raw, calls = turn.get(content_key), turn.get("tool_calls")
+    _loss_weight(f, turn, "assistant" if role == "function_call" else role, where)
     if role == "function_call":  # sharegpt: the content is the call itself, as JSON
         calls = _function_call(f, raw, f"{where}.{content_key}")
         return {"role": "assistant", "content": "", "tool_calls": calls}
     message: Message = {"role": role}
+    text, part_calls = ("", []) if raw is None and calls else _content(f, raw, f"{where}.{content_key}", role)
+    if calls and role != "assistant":
+        raise f.error(f"only assistant messages may carry tool calls, not {role}", f"{where}.tool_calls")
+    calls = (_tool_calls(f, calls, f"{where}.tool_calls") if calls else []) + part_calls
     if calls:
-        if role != "assistant":
-            raise f.error(f"only assistant messages may carry tool calls, not {role}", f"{where}.tool_calls")
-        message["tool_calls"] = _tool_calls(f, calls, f"{where}.tool_calls")
-    message["content"] = "" if raw is None and calls else _content(f, raw, f"{where}.{content_key}")
+        message["tool_calls"] = calls
+    message["content"] = text
     for extra in ("name", "tool_call_id"):
         if isinstance(turn.get(extra), str):
             message[extra] = turn[extra]
     return message
+
+
+def _loss_weight(f: _Fields, turn: dict, role: str, where: str) -> None:
+    """LLaMA-Factory v1's per-message loss_weight: read when it is what we do anyway (1 for assistant turns,
+    0 for the others); any other value is an error rather than silently ignored."""
+    if "loss_weight" not in turn:
+        return
+    expected = 1.0 if role == "assistant" else 0.0
+    if turn["loss_weight"] != expected or isinstance(turn["loss_weight"], bool):
+        raise f.error(f"only the default loss weights are supported (1 on assistant turns, 0 on the others), "
+                      f"got {turn['loss_weight']!r} on a {role} turn", f"{where}.loss_weight")
 
 
 def _sharegpt_roles(tags: dict) -> dict:
@@ -105,24 +121,45 @@ def _sharegpt_roles(tags: dict) -> dict:
             tags["function_tag"]: "function_call", tags["system_tag"]: "system"}
 
 
-def _content(f: _Fields, raw, where: str) -> str:
-    """A string, or OpenAI content parts [{"type": "text", "text": ...}] joined together."""
+def _content(f: _Fields, raw, where: str, role: str) -> tuple[str, list[dict]]:
+    """(text, tool calls) of a content value: a string, or a list of parts. Parts: text as OpenAI writes it
+    ({"type": "text", "text": ...}) or LLaMA-Factory v1 ({"type": "text", "value": ...}), and v1's assistant
+    "reasoning" (written as a leading <think> block, as reasoning models' templates read it) and "tool_call"
+    (a JSON call) parts."""
     if isinstance(raw, str):
-        return raw
+        return raw, []
     if raw is None:
         raise f.error("required field is missing", where)
     if not isinstance(raw, list):
         raise f.error(f"must be a string or a list of text parts, got {_type(raw)}", where)
-    texts = []
+    texts, reasoning, calls = [], [], []
     for j, part in enumerate(raw):
+        at = f"{where}[{j}]"
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            continue
+        if not isinstance(part, dict):
+            raise f.error(f"must be a string or a content part object, got {_type(part)}", at)
+        kind = part.get("type", "text")
+        if isinstance(kind, str) and kind.startswith(MEDIA_PARTS):
+            raise f.error(f"multimodal data is not supported yet ({kind!r} part): posttrain trains on text only",
+                          at)
+        if kind not in ("text", "reasoning", "tool_call"):
+            raise f.error(f"unsupported content part type {kind!r} (text, reasoning and tool_call parts are read)",
+                          at)
+        value = part.get("text", part.get("value"))
+        if not isinstance(value, str):
+            raise f.error(f"a {kind} part needs its text under 'text' or 'value' (its keys: {', '.join(part)})", at)
+        if kind != "text" and role != "assistant":
+            raise f.error(f"only assistant messages may carry {kind} parts, not {role}", at)
+        if kind == "text":
+            texts.append(value)
+        elif kind == "reasoning":
+            reasoning.append(value)
         else:
-            kind = part.get("type") if isinstance(part, dict) else _type(part)
-            raise f.error(f"only text content parts are supported, got {kind!r}", f"{where}[{j}]")
-    return "".join(texts)
+            calls += _function_call(f, value, at)
+    text = "".join(texts)
+    return (f"<think>\n{''.join(reasoning)}\n</think>\n\n{text}" if reasoning else text), calls
 
 
 def _function_call(f: _Fields, raw, where: str) -> list[dict]:

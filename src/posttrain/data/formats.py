@@ -58,10 +58,29 @@ def check_kind(fmt: str, kind: str, location: str) -> None:
         raise DataError(f"{_NEEDS[kind]}, but this is {fmt} data", location=location)
 
 
+MEDIA_COLUMNS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
+
+
+def check_text_only(row: Row, fmt: str, columns: dict | None) -> None:
+    """Multimodal training does not exist yet: a row with images, videos or audios (LLaMA-Factory's mllm
+    columns, also under another name through a dataset_info column mapping) stops here, rather than train its
+    <image> placeholders as plain text. The one place to lift when multimodal data is supported."""
+    f = _Fields(row, fmt, columns)
+    for key in MEDIA_COLUMNS:
+        value = f.get(key)
+        if value:  # null or an empty list: a text-only row
+            count = len(value) if isinstance(value, list) else 1
+            raise f.error(f"multimodal data is not supported yet ({count} {key[:-1] if count == 1 else key}): "
+                          f"posttrain trains on text only, and the row's <{key[:-1]}> placeholders would be trained "
+                          "as plain text; remove the column or the row (data.skip_invalid: true skips such rows, "
+                          "counted)", f.name(key))
+
+
 def to_example(row: Row, fmt: str, *, kind: str, columns: dict | None = None, tags: dict | None = None,
                system: str | None = None) -> Example:
     """Normalise one row; `system` is a default system prompt for rows that bring none."""
     check_kind(fmt, kind, row.location)
+    check_text_only(row, fmt, columns)
     if fmt in preference.FORMATS:  # Preference, Feedback, Ranking (IdenticalPair for chosen == rejected)
         return preference.to_example(row, fmt, columns, tags, system)
     f = _Fields(row, fmt, columns)
@@ -85,7 +104,7 @@ def _guess(keys: set, kind: str | None) -> str | None:
     """The format one row's keys suggest, or None."""
     if kind in preference.KIND_FORMATS:
         return preference.guess(keys, kind)
-    if {"chosen", "rejected"} <= keys:
+    if {"chosen", "rejected"} <= keys or {"chosen_messages", "rejected_messages"} <= keys:
         return "preference"
     if "conversations" in keys:
         return "sharegpt"
@@ -129,10 +148,11 @@ class LoadReport:
     sources: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)  # valid rows left out on purpose (chosen == rejected)
+    notes: list[str] = field(default_factory=list)  # how files were read (e.g. a .txt split per line)
 
     def summary(self) -> str:
         lines = [f"{s['path']} ({s['format']}): {s['used']} examples from {s['rows']} rows"
-                 for s in self.sources]
+                 for s in self.sources] + self.notes
         if self.skipped:
             lines.append(f"skipped {sum(self.skipped.values())} invalid rows:")
             lines += [f"  {count} x {reason}" for reason, count in self.skipped.most_common()]
@@ -157,7 +177,7 @@ def _as_sources(sources) -> list[DataSource]:
 
 def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report: LoadReport) -> list[Example]:
     errors: list[DataError] | None = [] if skip_invalid else None
-    rows = read_rows(plan.path, text_split=text_split, errors=errors)
+    rows = read_rows(plan.path, text_split=text_split, errors=errors, notes=report.notes)
     report.skipped.update(_reason(error) for error in errors or [])
     fmt = plan.format
     if fmt == "auto" and rows:
@@ -183,7 +203,7 @@ def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report
 
 
 def load_examples(sources, *, kind: str, dataset_info: str | None = None, skip_invalid: bool = False,
-                  text_split: str = "paragraph",
+                  text_split: str = "auto",
                   max_samples: int | None = None) -> tuple[list[Example], LoadReport]:
     """Read and normalise one or several sources (concatenated in order) for a stage's `kind`."""
     if kind not in KIND_FORMATS:

@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 from ..config import DataSource
 from ..errors import ConfigError, DataError
 from . import preference
-from .encode import IGNORE, SkippableError, _render, assistant_spans, encode_all
+from .encode import IGNORE, EncodeStats, SkippableError, _render, encode_all, render_turns
 from .examples import Conversation, Feedback, Labeled, Preference, Ranking
 from .formats import _reason, check_kind, detect_format, to_example
 from .pairs import _response_text, encode_feedbacks, encode_preferences
@@ -82,7 +82,7 @@ def _short(text: str, limit: int = 2000) -> str:
 
 def _row_kind(data: dict) -> str | None:
     """The preference-family kind one row's (canonical) keys suggest, or None for the other formats."""
-    if {"chosen", "rejected"} <= set(data):
+    if {"chosen", "rejected"} <= set(data) or {"chosen_messages", "rejected_messages"} <= set(data):
         return "preference"
     if "responses" in data:
         return "ranking"
@@ -115,10 +115,12 @@ def _read_examples(file: str, stage: str | None, dataset_info: str | None,
     info = read_dataset_info(dataset_info) if dataset_info else None
     plan = resolve_source(DataSource(path=str(file)), info, dataset_info,
                           KINDS[stage] if stage else _info_kind(info, str(file)))
-    rows = read_rows(plan.path, errors=found.problems)
+    notes: list[str] = []
+    rows = read_rows(plan.path, errors=found.problems, notes=notes)
     unreadable = len(found.problems)  # lines that are not even a record (bad JSON, wrong CSV field count)
     found.reasons.update(_reason(error) for error in found.problems)
     out = [f"file: {plan.path}" + (f" (dataset '{file}' in {dataset_info})" if plan.path != str(file) else "")]
+    out += [f"read: {note}" for note in notes]
     fmt = plan.format
     if fmt == "auto" and rows:
         kind = KINDS[stage] if stage else _sniff_kind(rows, plan.columns)
@@ -224,8 +226,15 @@ def _token_report(examples: list, tokenizer, stage: str, max_length: int, found:
     """pt/sft/classify: length statistics at --max-length, computed from untruncated encodings."""
     label2id = {label: i for i, label in enumerate(sorted({e.label for e in examples}))} if stage == "classify" \
         else None
-    done = _encoded(examples, lambda batch: encode_all(batch, tokenizer, stage, max_length=UNLIMITED,
-                                                       label2id=label2id), found)
+    left_out = EncodeStats()  # what the chat template leaves out of assistant turns, over all examples
+
+    def encode(batch):
+        features, stats = encode_all(batch, tokenizer, stage, max_length=UNLIMITED, label2id=label2id, warn=False)
+        left_out.left_out.update(stats.left_out)
+        return features, stats
+
+    done = _encoded(examples, encode, found)
+    found.warnings += left_out.warnings()
     lengths = [len(features[0]["input_ids"]) for _, features in done]
     if not lengths:
         return _length_head(0, len(examples))
@@ -290,7 +299,8 @@ def _rendered(example, tokenizer) -> list[str]:
             lines += [f"{name}:", _short(_marked(text, [(0, len(text))]), 4000)]
         return lines
     if isinstance(example, Conversation):
-        return [head, _short(_marked(*assistant_spans(tokenizer, example)), 4000)]
+        text, turns = render_turns(tokenizer, example)
+        return [head, _short(_marked(text, [turn.span for turn in turns if turn.trained]), 4000)]
     text = tokenizer.decode(tokenizer(example.text, add_special_tokens=True)["input_ids"])
     label = f", label {example.label}:" if isinstance(example, Labeled) else " (all trained):"
     return [f"example ({example.source}) as the tokenizer reads it{label}", _short(text)]

@@ -3,6 +3,7 @@
 Formats (formats.py detects them and calls `to_example`):
   preference           prompt/chosen/rejected (strings or messages; optional system, margin), or only
                        chosen/rejected as full conversations: the prompt is then their common message prefix
+                       (LLaMA-Factory v1 names them chosen_messages/rejected_messages)
   preference_alpaca    LLaMA-Factory ranking data, alpaca style: instruction/input + chosen/rejected strings
   preference_sharegpt  LLaMA-Factory ranking data, sharegpt style: conversations + chosen/rejected messages
   feedback             messages (ending with the completion) or prompt/completion, plus a boolean label
@@ -40,7 +41,7 @@ class IdenticalPair(DataError):
 
 def guess(keys: set, kind: str) -> str | None:
     """The format one row's keys suggest for a preference-family `kind`, or None."""
-    if kind == "preference" and keys & {"chosen", "rejected"}:
+    if kind == "preference" and keys & {"chosen", "rejected", "chosen_messages", "rejected_messages"}:
         if "conversations" in keys:
             return "preference_sharegpt"
         return "preference_alpaca" if "instruction" in keys else "preference"

@@ -19,7 +19,7 @@ from ..config import DataSource
 from ..errors import DataError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
-TEXT_SPLITS = ("paragraph", "line", "file")
+TEXT_SPLITS = ("auto", "paragraph", "line", "file")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -31,24 +31,27 @@ class Row:
     location: str
 
 
-def read_rows(path: str, *, text_split: str = "paragraph", errors: list | None = None) -> list[Row]:
+def read_rows(path: str, *, text_split: str = "auto", errors: list | None = None,
+              notes: list | None = None) -> list[Row]:
     """Read a file, a directory (saved dataset or folder of files) or a hub dataset into rows.
 
     A malformed line raises its DataError, or, when `errors` is a list, is appended to it and
-    skipped (this is how `skip_invalid` also covers lines that are not valid JSON).
+    skipped (this is how `skip_invalid` also covers lines that are not valid JSON). `notes` (a list)
+    receives what the data report should say about how a file was read.
     """
     path = str(path)
     local = Path(path)
+    notes = [] if notes is None else notes
     if local.is_dir():
-        return _read_dir(local, text_split, errors)
+        return _read_dir(local, text_split, errors, notes)
     if local.is_file():
-        return _read_file(local, text_split, errors)
+        return _read_file(local, text_split, errors, notes)
     if _HUB_NAME.match(path) and local.suffix.lower() not in SUFFIXES:
         return _read_hub(path)
     raise DataError("file not found", location=path)
 
 
-def _read_file(path: Path, text_split: str, errors: list | None) -> list[Row]:
+def _read_file(path: Path, text_split: str, errors: list | None, notes: list) -> list[Row]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
@@ -58,7 +61,7 @@ def _read_file(path: Path, text_split: str, errors: list | None) -> list[Row]:
         if suffix in (".csv", ".tsv"):
             return _read_csv(path, "\t" if suffix == ".tsv" else ",", errors)
         if suffix == ".txt":
-            return _read_txt(path, text_split)
+            return _read_txt(path, text_split, notes)
     except UnicodeDecodeError as exc:
         raise DataError(f"not valid UTF-8 text ({exc.reason} at byte {exc.start})", location=str(path)) from None
     if suffix == ".parquet":
@@ -144,11 +147,18 @@ def _read_csv(path: Path, delimiter: str, errors: list | None) -> list[Row]:
     return rows
 
 
-def _read_txt(path: Path, text_split: str) -> list[Row]:
-    """Documents at blank lines ("paragraph"), at every line ("line"), or the whole file ("file")."""
+def _read_txt(path: Path, text_split: str, notes: list) -> list[Row]:
+    """Documents at blank lines ("paragraph"), at every line ("line"), or the whole file ("file"); "auto": at
+    blank lines, or at every line in a file of several lines with no blank line (one document per line, as
+    LLaMA-Factory reads .txt), which is noted for the data report."""
     if text_split not in TEXT_SPLITS:
         raise DataError(f"unknown text_split '{text_split}' (choose from {', '.join(TEXT_SPLITS)})")
     text = path.read_text(encoding="utf-8-sig")
+    if text_split == "auto":
+        lines = text.strip().split("\n")
+        text_split = "line" if len(lines) > 1 and all(line.strip() for line in lines) else "paragraph"
+        if text_split == "line":
+            notes.append(f"{path}: no blank lines, so one document per line (data.text_split: auto)")
     if text_split == "file":
         return [Row({"text": text.strip("\n")}, f"{path}:1")] if text.strip() else []
     rows: list[Row] = []
@@ -176,7 +186,7 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(record, f"{path}:row {index}") for index, record in enumerate(records)]
 
 
-def _read_dir(path: Path, text_split: str, errors: list | None) -> list[Row]:
+def _read_dir(path: Path, text_split: str, errors: list | None, notes: list) -> list[Row]:
     """A `save_to_disk` directory, or else a folder of data files read in name order."""
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return _read_saved(path)
@@ -184,7 +194,7 @@ def _read_dir(path: Path, text_split: str, errors: list | None) -> list[Row]:
     if not files:
         raise DataError(f"directory holds neither a saved dataset nor data files ({', '.join(SUFFIXES)})",
                         location=str(path))
-    return [row for file in files for row in _read_file(file, text_split, errors)]
+    return [row for file in files for row in _read_file(file, text_split, errors, notes)]
 
 
 def _read_saved(path: Path) -> list[Row]:
