@@ -139,7 +139,7 @@ def _add_data_commands(sub) -> None:
                    help="default: guessed from the format")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--dataset-info", help="LLaMA-Factory dataset_info.json (FILE is then a dataset name)")
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.set_defaults(func=_inspect)
 
     p = data.add_parser("pairs", help="expand rankings (best to worst, ties allowed) into preference pairs")
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="+", help="stop strings (cut from the text)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--batch-window-ms", type=float, default=10,
                    help="a batch waits this long after the latest request for more to join")
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_chat)
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
                                      "default: the demo's task checker")
-    p.add_argument("--chat-template", help="Jinja template (inline or file) for tokenizers without one")
+    p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_eval)

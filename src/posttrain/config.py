@@ -56,9 +56,17 @@ class DataConfig(Section):
                                             "(pt/sft), with attention isolated per example.")
     skip_invalid: bool = Field(False, description="Skip malformed rows (counted and reported by reason) "
                                                  "instead of stopping at the first one.")
-    text_split: Literal["paragraph", "line", "file"] = Field(
-        "paragraph", description="How a .txt file is cut into documents: at blank lines, at every line, "
-                                 "or the whole file as one.")
+    keep_reasoning: bool = Field(
+        False, description="sft: train the reasoning (<think> blocks) that the chat template drops from earlier "
+                            "assistant turns (Qwen3 and DeepSeek-R1-style templates write it only in the final "
+                            "turn). Each such turn becomes a sequence of its own: the chat rendered up to that turn "
+                            "as the final one, only that turn trained, as the model sees it when it answers there "
+                            "(one extra sequence per such turn). Off: that reasoning is not trained (counted and "
+                            "warned).")
+    text_split: Literal["auto", "paragraph", "line", "file"] = Field(
+        "auto", description="How a .txt file is cut into documents: `paragraph` at blank lines, `line` at every "
+                            "line, `file` the whole file as one; `auto` at blank lines, or at every line in a file "
+                            "that has none (as LLaMA-Factory reads .txt; said in the data report).")
     labels: list[str] | None = Field(
         None, description="classify: the label set, in id order. Default: the sorted labels found in the "
                           "training data. A label outside the set is an error.")
@@ -271,8 +279,9 @@ class Config(Section):
                                         "config.yaml, metrics.jsonl, summary.json, plots/ and checkpoints/.")
     resume: str | None = Field(None, description="`auto`: continue from the newest complete checkpoint in "
                                                  "output_dir (start fresh if none); or a checkpoint path.")
-    chat_template: str | None = Field(None, description="Jinja chat template (inline, or a path to a file) "
-                                                        "for tokenizers that have none.")
+    chat_template: str | None = Field(None, description="Jinja chat template (inline, or a path to a .jinja "
+                                                        "file). It replaces the tokenizer's own template, if it has "
+                                                        "one, for training and in the saved tokenizer.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory / hub.")
     attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2, ... "
                                                               "Default: transformers' choice.")

@@ -54,7 +54,8 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
         encode = partial(stage.encode, tokenizer=tokenizer, config=config)
     else:
         encode = partial(encode_all, tokenizer=tokenizer, stage=stage.name, max_length=data.max_length,
-                         train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid)
+                         train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid,
+                         keep_reasoning=data.keep_reasoning)
     train_features, train_stats = encode(train_examples)
     eval_features, eval_stats = encode(eval_examples) if eval_examples else ([], None)
     if not train_features:
