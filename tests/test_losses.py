@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from posttrain.forward import sequence_logps, token_logps
 from posttrain.losses import (DPO_LOSSES, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, bradley_terry,
-                              dpo_rewards, kto_kl, kto_loss, sequence_logps, token_logps)
+                              dpo_rewards, kto_kl, kto_loss)
 
 
 def sigmoid(x: float) -> float:
@@ -191,53 +192,74 @@ def manual_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> list[list[
     return out
 
 
-def masked_batch(dtype=torch.float32):
+def masked_batch(vocab_size: int):
     generator = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(3, 6, 11, generator=generator)).to(dtype)
-    labels = torch.randint(0, 11, (3, 6), generator=generator)
+    input_ids = torch.randint(3, vocab_size, (3, 6), generator=generator)
+    labels = input_ids.clone()
     labels[0, :2] = -100  # prompt
     labels[1, :4] = -100
     labels[1, 5] = -100  # padding at the end
     labels[2, :] = -100  # nothing trained
-    return logits, labels
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def test_token_and_sequence_logps_match_manual_loop():
-    logits, labels = masked_batch()
-    manual = manual_token_logps(logits, labels)
-    per_token = token_logps(logits, labels)
-    assert per_token.shape == (3, 5)
-    for got, want in zip(per_token.tolist(), manual):
-        assert got == pytest.approx(want, abs=1e-5)
-    sums, counts = sequence_logps(logits, labels)
+@pytest.fixture(scope="module")
+def small_lm(make_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(make_model("qwen2"), dtype=torch.float32).eval()
+
+
+def test_token_and_sequence_logps_match_manual_loop(small_lm):
+    """forward.py (the LM head on trained positions only) against log softmax written out in Python floats
+    over the model's full logits."""
+    batch = masked_batch(small_lm.config.vocab_size)
+    with torch.no_grad():
+        logits = small_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        manual = manual_token_logps(logits, batch["labels"])
+        sums, counts = sequence_logps(small_lm, batch)
+        per_token = token_logps(small_lm, batch)
+    trained = [v for row, labels in zip(manual, batch["labels"].tolist()) for v, label in zip(row, labels[1:])
+               if label != -100]
+    assert per_token["logps"].tolist() == pytest.approx(trained, abs=1e-5)
+    assert per_token["slots"].tolist() == [0, 0, 0, 0, 1]
     assert sums.tolist() == pytest.approx([sum(row) for row in manual], abs=1e-5)
     assert counts.tolist() == [4, 1, 0]
     assert sums[2].item() == 0.0
 
 
-def test_sequence_logps_bf16_logits_are_scored_in_fp32():
-    logits, labels = masked_batch(torch.bfloat16)
-    sums, _ = sequence_logps(logits, labels)
+def test_sequence_logps_bf16_model_is_scored_in_fp32(small_lm):
+    import copy
+
+    model = copy.deepcopy(small_lm).to(torch.bfloat16)
+    batch = masked_batch(model.config.vocab_size)
+    with torch.no_grad():
+        sums, _ = sequence_logps(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert sums.dtype == torch.float32
-    manual = manual_token_logps(logits.float(), labels)
+    manual = manual_token_logps(logits.float(), batch["labels"])
     assert sums.tolist() == pytest.approx([sum(row) for row in manual], abs=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(DPO_LOSSES))
-def test_gradients_flow_through_logps(name):
-    logits, labels = masked_batch()
-    logits = logits[:2].clone().requires_grad_(True)  # two sequences: chosen, rejected
-    sums, counts = sequence_logps(logits, labels[:2])
+def test_gradients_flow_through_logps(name, small_lm):
+    import copy
+
+    model = copy.deepcopy(small_lm).train()
+    batch = masked_batch(model.config.vocab_size)
+    two = {k: v[:2] for k, v in batch.items()}  # two sequences: chosen, rejected
+    sums, counts = sequence_logps(model, two)
     if name in LENGTH_NORMALISED_LOSSES:
         sums = sums / counts.clamp(min=1)
     chosen, rejected = sums[:1], sums[1:]
     ref_chosen, ref_rejected = chosen.detach() + 0.3, rejected.detach() - 0.2
     loss = DPO_LOSSES[name](chosen, rejected, ref_chosen, ref_rejected, beta=0.5, label_smoothing=0.1).sum()
     loss.backward()
-    assert torch.isfinite(logits.grad).all()
-    assert logits.grad.abs().sum() > 0
-    # no gradient reaches positions whose target is not trained
-    assert logits.grad[1, :3].abs().sum() == 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
 
 
 def test_gradients_flow_kto_and_bradley_terry():

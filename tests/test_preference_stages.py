@@ -92,13 +92,14 @@ def test_reference_strategies_agree_at_step_zero(tiny_model, tmp_path, reference
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path, attention):
     from posttrain.data.examples import Preference
     from posttrain.data.pairs import collate_pairs, encode_preferences
     from posttrain.modeling import load_tokenizer
     from posttrain.stages.dpo import dpo_loss
     from posttrain.stages.prefix import collate_shared_prefix
-    from posttrain.stages.reference import StageContext
+    from posttrain.stages.pairwise import StageContext
 
     tokenizer = load_tokenizer(str(tiny_model))
     rows = pair_rows(4)
@@ -110,7 +111,7 @@ def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path
         f["ref_chosen_logps"], f["ref_rejected_logps"] = -20.0 - i, -21.5 + i
     for loss in ("sigmoid", "simpo"):
         ctx = StageContext(build_config(config(tiny_model, "dpo", "x", "y", dpo={"loss": loss})))
-        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
         results = []
         for batch in (collate_pairs(features, tokenizer.pad_token_id),
                       collate_shared_prefix(features, tokenizer.pad_token_id)):
@@ -164,12 +165,13 @@ def test_data_pairs_cli_expands_rankings(tmp_path):
     assert failed.returncode == 2 and "bad.jsonl:1" in failed.stderr and "responses" in failed.stderr
 
 
-def test_reward_model_prefix_sharing_gives_the_same_rewards_and_gradients(tiny_model, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_reward_model_prefix_sharing_gives_the_same_rewards_and_gradients(tiny_model, tmp_path, attention):
     from posttrain.data.examples import Preference
     from posttrain.data.pairs import collate_pairs, encode_preferences
     from posttrain.modeling import load_model, load_tokenizer
     from posttrain.stages.prefix import collate_shared_prefix
-    from posttrain.stages.reference import StageContext
+    from posttrain.stages.pairwise import StageContext
     from posttrain.stages.rm import rm_loss
 
     tokenizer = load_tokenizer(str(tiny_model))
@@ -179,7 +181,7 @@ def test_reward_model_prefix_sharing_gives_the_same_rewards_and_gradients(tiny_m
     features, _ = encode_preferences(examples, tokenizer, max_length=64)
     ctx = StageContext(build_config(config(tiny_model, "rm", "x", "y", rm={"center_coef": 0.01})))
     torch.manual_seed(0)
-    model = load_model(str(tiny_model), "reward", tokenizer=tokenizer)
+    model = load_model(str(tiny_model), "reward", tokenizer=tokenizer, attn_implementation=attention)
     results = []
     for batch in (collate_pairs(features, tokenizer.pad_token_id), collate_shared_prefix(features, tokenizer.pad_token_id)):
         model.zero_grad()
@@ -192,3 +194,99 @@ def test_reward_model_prefix_sharing_gives_the_same_rewards_and_gradients(tiny_m
     torch.testing.assert_close(m2["rewards_chosen"], m1["rewards_chosen"], atol=1e-5, rtol=1e-5)
     for key in g1:
         torch.testing.assert_close(g2[key], g1[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_prefix_sharing_refuses_a_kernel_without_explicit_masks(tiny_model, tmp_path):
+    from posttrain.errors import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(8))
+    body = config(tiny_model, "dpo", train, tmp_path / "flex", dpo={"prefix_sharing": True})
+    with pytest.raises(ConfigError, match="dpo.prefix_sharing needs attn_implementation sdpa or eager"):
+        run_training(build_config({**body, "attn_implementation": "flex_attention"}))
+
+
+def pad_is_eos_copy(model_dir, tmp_path):
+    """A copy of the tiny model whose tokenizer pads with its end-of-turn token, which is also its EOS (as the
+    Llama-3, DeepSeek and Mistral tokenizers do once a pad token is needed): every response ends with the pad id."""
+    import shutil
+
+    copy = tmp_path / "pad-is-eos"
+    shutil.copytree(model_dir, copy)
+    tokenizer_config = json.loads((copy / "tokenizer_config.json").read_text())
+    tokenizer_config.update(pad_token="<|im_end|>", eos_token="<|im_end|>")
+    (copy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    from posttrain.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(copy))
+    model_config = json.loads((copy / "config.json").read_text())
+    model_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    (copy / "config.json").write_text(json.dumps(model_config))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return copy, tokenizer
+
+
+def test_reward_is_read_at_the_last_real_token_on_every_path_when_pad_is_eos(tiny_model, tmp_path):
+    """Plain pairs, shared-prefix pairs, `posttrain score` and a reward model inside RL all read the reward at the
+    response's last token (its end-of-turn, or the last kept token of a truncated response), as an independent
+    forward of each sequence alone says."""
+    from posttrain.data.examples import Preference
+    from posttrain.data.pairs import collate_pairs, encode_preferences
+    from posttrain.modeling import load_model, save_pretrained
+    from posttrain.rl.rewards import model_source
+    from posttrain.stages.prefix import collate_shared_prefix
+    from posttrain.stages.rm import rewards
+
+    model_dir, tokenizer = pad_is_eos_copy(tiny_model, tmp_path)
+    torch.manual_seed(0)
+    model = load_model(str(model_dir), "reward", tokenizer=tokenizer).eval()
+    rows = pair_rows(4)
+    rows[1]["chosen"] = "The soup is " + "very " * 30 + "good."  # truncated at max_length: no end-of-turn
+    examples = [Preference([{"role": "user", "content": r["prompt"]}], [{"role": "assistant", "content": r["chosen"]}],
+                           [{"role": "assistant", "content": r["rejected"]}]) for r in rows]
+    features, stats = encode_preferences(examples, tokenizer, max_length=40)
+    eot = tokenizer.pad_token_id
+    assert features[0]["chosen_ids"][-1] == eot and features[1]["chosen_ids"][-1] != eot
+
+    def alone(ids):  # the reward of one unpadded sequence, from the body's last hidden state
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            return float(model.score(hidden))
+
+    sequences = [f["prompt_ids"] + f["chosen_ids"] for f in features] + \
+                [f["prompt_ids"] + f["rejected_ids"] for f in features]
+    expected = [alone(ids) for ids in sequences]
+    with torch.no_grad():
+        plain = rewards(model, collate_pairs(features, tokenizer.pad_token_id)).tolist()
+        shared = rewards(model, collate_shared_prefix(features, tokenizer.pad_token_id)).tolist()
+    assert plain == pytest.approx(expected, abs=1e-5)
+    assert shared == pytest.approx(expected, abs=1e-5)
+
+    rm_dir = tmp_path / "rm"
+    save_pretrained(model, tokenizer, rm_dir, "reward")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                                 for r in rows])
+    run_cli("score", "--model", rm_dir, "--data", data, "--out", tmp_path / "scored.jsonl", "--max-length", "40")
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [r["chosen_reward"] for r in scored] + [r["rejected_reward"] for r in scored] == \
+        pytest.approx(expected, abs=1e-5)
+
+    source = model_source(str(rm_dir), max_length=40)
+    in_rl = source([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    assert in_rl == pytest.approx(expected[:4], abs=1e-5)
+
+
+def test_dropout_is_off_by_default_so_dpo_and_kto_start_at_their_reference_values(make_model, tmp_path):
+    """GPT-2 has dropout 0.1: with it on, the policy's training-mode log-probs differ from the reference's and
+    DPO's first loss is not ln 2 (TRL turns dropout off too). `train.disable_dropout: false` keeps it."""
+    gpt2 = make_model("gpt2")
+    assert json.loads((gpt2 / "config.json").read_text())["resid_pdrop"] > 0
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(8))
+    run_training(build_config(config(gpt2, "dpo", train, tmp_path / "dpo", train={"max_steps": 1})))
+    assert read_metrics(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0}
+                                                for i, r in enumerate(pair_rows(8))])
+    run_training(build_config(config(gpt2, "kto", kto, tmp_path / "kto", train={"max_steps": 1})))
+    assert read_metrics(tmp_path / "kto")[0]["loss"] == pytest.approx(0.5, abs=1e-5)
+    run_training(build_config(config(gpt2, "dpo", train, tmp_path / "kept", train={"max_steps": 1,
+                                                                                    "disable_dropout": False})))
+    assert abs(read_metrics(tmp_path / "kept")[0]["loss"] - math.log(2)) > 1e-3

@@ -2,10 +2,10 @@
 
 TRL 1.16 has no standalone DPO/KTO loss function (the loss is inlined in `_compute_loss`), so each test builds the
 real TRL trainer on a tiny dataset, collates a batch with TRL's own data collator, and calls the trainer's
-`compute_loss` on it. Our side runs a plain forward on the same tensors and applies `posttrain.losses`.
+`compute_loss` on it. Our side calls the stage's own loss (stages/dpo.py, kto.py, rm.py) on the same tensors.
 The reference model is a copy of the policy with perturbed weights, so the log-ratios are not zero.
-GRPO: the same idea with GRPOTrainer's `compute_loss` on a hand-built batch of completions (and on a rollout TRL
-generates and scores itself); the notes above the GRPO tests say how TRL's settings map to posttrain's.
+GRPO: the stage's own update (rl/grpo.py) against GRPOTrainer's `compute_loss` on a hand-built rollout (and on a
+rollout TRL generates and scores itself); the notes above the GRPO tests say how TRL's settings map to posttrain's.
 """
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ from datasets import Dataset  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: E402
                           AutoTokenizer)
 
-from posttrain.losses import (DPO_LOSSES, LENGTH_NORMALISED_LOSSES, bradley_terry, kto_kl,  # noqa: E402
-                              kto_loss, sequence_logps)
+from posttrain.config import build_config  # noqa: E402
+from posttrain.losses import DPO_LOSSES  # noqa: E402
+from posttrain.reference import Reference  # noqa: E402
+from posttrain.stages.dpo import dpo_loss  # noqa: E402
+from posttrain.stages.kto import kto_stage_loss  # noqa: E402
+from posttrain.stages.pairwise import StageContext  # noqa: E402
+from posttrain.stages.rm import rm_loss  # noqa: E402
 
 TOLERANCE = 1e-5
 BETA = 0.1
@@ -66,11 +71,18 @@ def first_batch(trainer) -> dict:
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
-def our_sequence_logps(model, input_ids, attention_mask, completion_mask, grad: bool = False):
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
-    with torch.set_grad_enabled(grad):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return sequence_logps(logits, labels)
+def stage_context(model_dir, stage: str, reference_model=None, **section) -> StageContext:
+    """What posttrain's stage loss reads: the validated config (stage options) and the reference model."""
+    config = build_config({"stage": stage, "model": str(model_dir), "output_dir": "unused",
+                           "data": {"train": "unused"}, stage: section})
+    return StageContext(config, Reference("copy", reference_model) if reference_model is not None else None)
+
+
+def as_labels(batch: dict, prefix: str = "") -> dict:
+    """TRL's rows as posttrain's batch: the same tensors, the completion mask turned into labels (-100 outside)."""
+    ids = batch[f"{prefix}input_ids"]
+    return {"input_ids": ids, "attention_mask": batch[f"{prefix}attention_mask"],
+            "labels": ids.masked_fill(batch[f"{prefix}completion_mask"] == 0, -100)}
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -92,19 +104,14 @@ def test_dpo_loss_matches_trl(loss_type, make_model, tmp_path):
     trl_loss.backward()
     trl_grads = gradients(policy)
 
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    policy_logps, counts = our_sequence_logps(policy, *inputs, grad=True)
-    reference_logps, _ = our_sequence_logps(reference, *inputs)
-    if loss_type in LENGTH_NORMALISED_LOSSES:
-        policy_logps, reference_logps = policy_logps / counts.clamp(min=1), reference_logps / counts.clamp(min=1)
-    chosen, rejected = policy_logps.chunk(2)
-    ref_chosen, ref_rejected = reference_logps.chunk(2)
-    ours = DPO_LOSSES[loss_type](chosen, rejected, ref_chosen, ref_rejected, beta=BETA).mean()
+    # posttrain's own stage loss (stages/dpo.py: forward.sequence_logps, the reference model, losses.DPO_LOSSES)
+    ctx = stage_context(model_dir, "dpo", reference, beta=BETA, loss=loss_type, reference="copy")
+    summed, pairs, metrics = dpo_loss(policy, as_labels(batch), ctx)
+    ours = summed / pairs
     ours.backward()
     our_grads = gradients(policy)
 
-    h = (chosen - ref_chosen) - (rejected - ref_rejected)
-    assert h.abs().min() > 1e-3  # the reference really differs, so the test is not checking ln 2 twice
+    assert metrics["margin"].abs() > 1e-3  # the reference really differs, so the test is not checking ln 2 twice
     assert abs(ours.item() - trl_loss.item()) < TOLERANCE, (loss_type, ours.item(), trl_loss.item())
     assert our_grads.keys() == trl_grads.keys()
     for name, grad in trl_grads.items():
@@ -122,10 +129,10 @@ def test_dpo_at_reference_is_ln2_in_trl_and_ours(make_model, tmp_path):
     batch = first_batch(trainer)
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
-    logps, _ = our_sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    chosen, rejected = logps.chunk(2)
-    ours = DPO_LOSSES["sigmoid"](chosen, rejected, chosen, rejected, beta=BETA).mean().item()
-    assert ours == pytest.approx(math.log(2), abs=1e-7)
+    ctx = stage_context(model_dir, "dpo", reference, beta=BETA, reference="copy")
+    with torch.no_grad():
+        summed, pairs, _ = dpo_loss(policy, as_labels(batch), ctx)
+    assert (summed / pairs).item() == pytest.approx(math.log(2), abs=1e-7)
     assert trl_loss == pytest.approx(math.log(2), abs=TOLERANCE)
 
 
@@ -142,15 +149,15 @@ def test_kto_loss_matches_trl(make_model, tmp_path):
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
 
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    mismatched = (batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
-    policy_logps, _ = our_sequence_logps(policy, *inputs)
-    reference_logps, _ = our_sequence_logps(reference, *inputs)
-    kl = kto_kl(our_sequence_logps(policy, *mismatched)[0], our_sequence_logps(reference, *mismatched)[0])
-    ours = kto_loss(policy_logps, reference_logps, batch["label"], kl, beta=BETA,
-                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight).mean().item()
+    ctx = stage_context(model_dir, "kto", reference, beta=BETA, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight, reference="copy")
+    ours_batch = {**as_labels(batch), **{f"kl_{k}": v for k, v in as_labels(batch, "KL_").items()},
+                  "desirable": batch["label"]}
+    with torch.no_grad():
+        summed, count, metrics = kto_stage_loss(policy, ours_batch, ctx)
+    ours = (summed / count).item()
 
-    assert kl.item() > 0.1  # the reference point is active, not clamped away
+    assert metrics["kl"] / count > 0.1  # the reference point is active, not clamped away
     assert abs(ours - trl_loss) < TOLERANCE, (ours, trl_loss)
 
 
@@ -170,21 +177,24 @@ def test_reward_model_loss_matches_trl(make_model, tmp_path):
     batch = first_batch(trainer)
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    chosen, rejected = rewards.chunk(2)
-    ours = bradley_terry(chosen, rejected, margin=batch["margin"], center_coef=center).mean().item()
+        summed, pairs, metrics = rm_loss(model, dict(batch), stage_context(model_dir, "rm", center_coef=center))
+    ours = (summed / pairs).item()
 
-    assert (chosen + rejected).abs().max() > 0.1
+    assert (metrics["rewards_chosen"] + metrics["rewards_rejected"]).abs() > 0.1
     assert abs(ours - trl_loss) < TOLERANCE, (ours, trl_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GRPO: posttrain's per-token loss (losses.ppo_policy_loss + kl_coef * losses.kl_k3, aggregated by losses.aggregate,
-# composed as rl/grpo.py `step` does it) against TRL's GRPOTrainer._compute_loss on the same hand-built batch.
+# GRPO: posttrain's stage code (rl/grpo.py `update`, run on a rollout the test hands it through a trainer built
+# by train.build_trainer as `posttrain train` builds it) against TRL's GRPOTrainer.compute_loss on the same
+# completions, optimizer update by optimizer update: the gradients posttrain steps with are recorded by a hook on
+# its optimizer, with the weights the policy had at that update, and TRL computes the loss at those weights.
 #
 # Mapping (TRL 1.16 -> posttrain): epsilon -> grpo.clip, epsilon_high -> grpo.clip_high, beta -> grpo.kl_coef,
 # temperature -> generation.temperature, loss_type "dapo" -> loss "token_mean", loss_type "grpo" -> loss
-# "sequence_mean". TRL's `old_per_token_logps` absent means "the current ones, detached": posttrain's epochs = 1.
+# "sequence_mean". TRL's `old_per_token_logps` absent means "the current ones, detached": posttrain's rollout
+# that feeds one optimizer update. When a rollout feeds several (epochs or mini_batches > 1), TRL is given the
+# log-probs of the policy that sampled (before any update) as `old_per_token_logps`.
 #
 # The KL: TRL 1.16 defaults to `use_bias_correction_kl=True` (DeepSeek-V3.2): its per-token KL is
 # ratio * k3 with ratio = exp(logp - old_logp) differentiable, so the KL gradient gets an extra k3 * grad(logp)
@@ -195,18 +205,15 @@ def test_reward_model_loss_matches_trl(make_model, tmp_path):
 # - "dr_grpo" divides the summed token losses by (rows x max_completion_length), a constant that does not depend
 #   on the completions; posttrain has no such aggregation, so it is not tested.
 # - "bnpo" divides each micro-batch by its own token count (and then by the accumulation steps): a mean of token
-#   means across micro-batches. It equals posttrain's token_mean only when the update is ONE micro-batch, which
+#   means across micro-batches. It equals posttrain's token_mean only when an update is ONE micro-batch, which
 #   is the only way it is tested here; "dapo" is the loss that stays a token mean over the whole update.
 # Batch layout: all prompts have the same length, so TRL's [left-padded prompt | right-padded completion] and
 # posttrain's right-padded [prompt + completion] are the same tensors (no positions shift between the two).
 # ---------------------------------------------------------------------------------------------------------------
-# posttrain.stages first: importing posttrain.rl.online (or rl.grpo / rl.ppo) on its own fails with a circular
-# import (rl.online -> stages.lm -> stages/__init__ -> stages.online -> rl.ppo -> rl.online, half-initialised).
-import posttrain.stages  # noqa: E402,F401
-from posttrain.data.batching import collate  # noqa: E402
-from posttrain.losses import aggregate, group_advantages, kl_k3, ppo_policy_loss  # noqa: E402
-from posttrain.rl.grpo import _rows  # noqa: E402
-from posttrain.rl.online import PolicyWithValue  # noqa: E402
+from conftest import write_jsonl  # noqa: E402
+from posttrain.losses import group_advantages, kl_k3  # noqa: E402
+from posttrain.rl import grpo, online  # noqa: E402
+from posttrain.train import build_trainer  # noqa: E402
 
 GRPO_GENERATIONS = 3
 GRPO_PROMPT_TOKENS = 6
@@ -241,122 +248,149 @@ def grpo_sequences(vocab_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return prompts, completions
 
 
-def posttrain_grpo_loss(policy, sequences, pad_id, advantages, old, ref, *, how, temperature, clip, clip_high,
-                        kl_coef, micro, backward=True):
-    """One update of rl/grpo.py `step` over these sequences, in micro-batches of `micro` completions: each
-    micro-batch's aggregated sum is divided by the update's total (tokens for token_mean, completions for
-    sequence_mean) and back-propagated; returns the update's loss. `old` / `ref` are per-sequence log-prob
-    tensors (old None: epochs = 1, the current log-probs detached)."""
-    actor = PolicyWithValue(policy)
-    lengths = [sum(label != -100 for label in s["labels"]) for s in sequences]
-    total = sum(lengths) if how == "token_mean" else len(sequences)
-    loss = 0.0
-    for start in range(0, len(sequences), micro):
-        indices = list(range(start, min(start + micro, len(sequences))))
-        part = [lengths[i] for i in indices]
-        batch = collate([sequences[i] for i in indices], pad_id)
-        with torch.set_grad_enabled(backward):
-            logps, _, _ = actor(batch, temperature, values=False)
-            old_part = torch.cat([old[i] for i in indices]) if old is not None else logps.detach()
-            adv = torch.repeat_interleave(advantages[indices], torch.tensor(part))
-            per_token, _, _ = ppo_policy_loss(logps, old_part, adv, clip, clip_high)
-            if ref is not None and kl_coef > 0:
-                per_token = per_token + kl_coef * kl_k3(logps, torch.cat([ref[i] for i in indices]))
-            padded, mask = _rows(per_token, part)
-            summed, _ = aggregate(padded, mask, how)
-        if backward:
-            (summed / total).backward()
-        loss += summed.item() / total
-    return loss
+def padded_rows(per_sequence: list[torch.Tensor]) -> torch.Tensor:
+    """Per-completion tensors in TRL's [B, C] layout (0 beyond each completion)."""
+    out = torch.zeros(len(per_sequence), max(len(t) for t in per_sequence), dtype=per_sequence[0].dtype)
+    for row, t in enumerate(per_sequence):
+        out[row, :len(t)] = t
+    return out
+
+
+def hf_completion_logps(model, prompts, completions, temperature: float) -> list[torch.Tensor]:
+    """log softmax(logits / T) of each completion token, one unpadded sequence at a time through the plain
+    transformers forward: independent of posttrain's forward.py."""
+    out = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions):
+            ids = torch.cat([torch.as_tensor(prompt), torch.as_tensor(completion)])[None]
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(completion)[:, None]).squeeze(-1))
+    return out
+
+
+def grpo_stage(model_dir, tmp_path, *, loss="token_mean", clip=0.2, clip_high=None, kl_coef=0.0, temperature=1.0,
+               epochs=1, mini_batches=1, lr=0.02):
+    """posttrain's grpo stage, built by train.build_trainer from a config exactly as `posttrain train` builds it,
+    ready for grpo.update on a rollout the test hands it. Gradient clipping is off, so the gradients recorded are
+    the loss's own; one prompt's completions per micro-batch, so an update over both prompts accumulates two."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", GRPO_PROMPTS)
+    config = build_config({
+        "stage": "grpo", "model": str(model_dir), "output_dir": str(tmp_path / "posttrain"),
+        "data": {"train": str(prompts)}, "rewards": [{"builtin": "length", "target": 5}],
+        "generation": {"temperature": temperature, "max_new_tokens": max(GRPO_COMPLETION_LENGTHS)},
+        "train": {"batch_size": 1, "lr": lr, "max_grad_norm": None, "seed": 0, "scheduler": "constant"},
+        "grpo": {"num_generations": GRPO_GENERATIONS, "loss": loss, "clip": clip, "clip_high": clip_high,
+                 "kl_coef": kl_coef, "epochs": epochs, "mini_batches": mini_batches, "reference": "copy"}})
+    trainer, _ = build_trainer(config, tmp_path / "posttrain")
+    return trainer
+
+
+def record_updates(trainer) -> list[dict]:
+    """Before every optimizer step: the policy's weights (those the update's loss was computed with) and its
+    gradients."""
+    records = []
+    policy = trainer.raw_model.policy
+
+    def hook(optimizer, args, kwargs):
+        records.append({"weights": {n: p.detach().clone() for n, p in policy.state_dict().items()},
+                        "grads": {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}})
+    trainer.optimizer.optimizer.register_step_pre_hook(hook)  # the torch optimizer inside accelerate's wrapper
+    return records
+
+
+def rollout_of(prompts, completions, rewards: torch.Tensor) -> online.Rollout:
+    prompts = [torch.as_tensor(p).tolist() for p in prompts]
+    completions = [torch.as_tensor(y).tolist() for y in completions]
+    sequences = [{"input_ids": p + y, "labels": [-100] * len(p) + y} for p, y in zip(prompts, completions)]
+    features = [{"input_ids": p, "prompt": "", "columns": {}, "location": "test"} for p in prompts]
+    return online.Rollout(features, sequences, [len(y) for y in completions], ["stop"] * len(completions),
+                          [""] * len(completions), rewards.float(), {})
+
+
+def trl_gradients(trl_trainer, policy, weights: dict, inputs: dict, rows: list[int]) -> dict:
+    """TRL's gradients for the completions `rows` of `inputs`, with the policy at `weights`."""
+    policy.load_state_dict(weights)
+    part = {k: v[rows] for k, v in inputs.items()}
+    part["num_items_in_batch"] = part["completion_mask"].sum()
+    trl_trainer.compute_loss(trl_trainer.model, part).backward()
+    return gradients(policy)
 
 
 GRPO_CASES = {
-    # on-policy (ratio 1, TRL computes no old log-probs either): the plain policy gradient, two aggregations
+    # one update per rollout (on-policy: ratio 1, and TRL computes no old log-probs either), both aggregations,
+    # the update accumulated over two micro-batches
     "dapo-on-policy": dict(loss_type="dapo", how="token_mean", beta=0.0, epsilon=0.2, epsilon_high=None,
-                           temperature=1.0, off_policy=False, micro=3),
+                           temperature=1.0, epochs=1, mini_batches=1),
     "grpo-on-policy": dict(loss_type="grpo", how="sequence_mean", beta=0.0, epsilon=0.2, epsilon_high=None,
-                           temperature=1.0, off_policy=False, micro=3),
-    # off-policy old log-probs (clipping active on both sides, asymmetric clip), k3 KL to a reference, temperature
-    "dapo-clip-kl": dict(loss_type="dapo", how="token_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
-                         temperature=0.7, off_policy=True, micro=3),
-    "grpo-clip-kl": dict(loss_type="grpo", how="sequence_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
-                         temperature=0.7, off_policy=True, micro=3),
-    # bnpo is a token mean per micro-batch: it matches token_mean when the update is one micro-batch
-    "bnpo-clip-kl": dict(loss_type="bnpo", how="token_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
-                         temperature=0.7, off_policy=True, micro=len(GRPO_COMPLETION_LENGTHS)),
+                           temperature=1.0, epochs=1, mini_batches=1),
+    # a rollout that feeds several updates: the later ones are off-policy, importance-weighted and clipped
+    # (asymmetric clip) against the policy that sampled; k3 KL to a reference; temperature
+    "dapo-minibatches-clip-kl": dict(loss_type="dapo", how="token_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
+                                     temperature=0.7, epochs=1, mini_batches=2),
+    "grpo-epochs-clip-kl": dict(loss_type="grpo", how="sequence_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
+                                temperature=0.7, epochs=2, mini_batches=1),
+    # bnpo is a token mean per micro-batch: it matches token_mean when an update is one micro-batch
+    "bnpo-minibatches-clip-kl": dict(loss_type="bnpo", how="token_mean", beta=0.04, epsilon=0.2, epsilon_high=0.28,
+                                     temperature=0.7, epochs=1, mini_batches=2),
 }
 
 
 @pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_loss_matches_trl(case, make_model, tmp_path):
+def test_grpo_update_matches_trl(case, make_model, tmp_path):
+    """grpo.update on a fixed rollout: at every optimizer update, the gradients posttrain steps with equal TRL's
+    for the same mini-batch, TRL being given the weights the policy had at that update and, when the rollout
+    feeds several updates, the log-probs of the policy that sampled as its old log-probs."""
     c = GRPO_CASES[case]
     model_dir = make_model("qwen2")
     policy, reference = load_policy_and_reference(model_dir)
-    trainer = grpo_trainer(model_dir, policy, tmp_path, loss_type=c["loss_type"], beta=c["beta"],
-                           epsilon=c["epsilon"], epsilon_high=c["epsilon_high"], temperature=c["temperature"])
-    pad_id = trainer.processing_class.pad_token_id
+    trl_trainer = grpo_trainer(model_dir, policy, tmp_path / "trl", loss_type=c["loss_type"], beta=c["beta"],
+                               epsilon=c["epsilon"], epsilon_high=c["epsilon_high"], temperature=c["temperature"])
+    trainer = grpo_stage(model_dir, tmp_path, loss=c["how"], clip=c["epsilon"], clip_high=c["epsilon_high"],
+                         kl_coef=c["beta"], temperature=c["temperature"], epochs=c["epochs"],
+                         mini_batches=c["mini_batches"])
+    trainer.ctx.reference = Reference("copy", reference)  # the same perturbed reference TRL has
+    records = record_updates(trainer)
     prompts, completions = grpo_sequences(policy.config.vocab_size)
-    lengths = GRPO_COMPLETION_LENGTHS
-    sequences = [{"input_ids": p.tolist() + y.tolist(), "labels": [-100] * len(p) + y.tolist()}
-                 for p, y in zip(prompts, completions)]
-    advantages = group_advantages(GRPO_REWARDS, GRPO_GENERATIONS)
+    sampler = hf_completion_logps(policy, prompts, completions, c["temperature"])
+    ref = hf_completion_logps(reference, prompts, completions, c["temperature"])
+    n = len(completions)
 
-    # Per-token log-probs under logits / temperature, one tensor per completion (as grpo.step keeps them).
-    full = collate(sequences, pad_id)
-    with torch.no_grad():
-        current = PolicyWithValue(policy)(full, c["temperature"], values=False)[0].split(lengths)
-        ref = list(PolicyWithValue(reference)(full, c["temperature"], values=False)[0].split(lengths))
-    old = None
-    if c["off_policy"]:
-        generator = torch.Generator().manual_seed(4)
-        old = [x + 0.3 * torch.randn(x.shape, generator=generator) for x in current]
+    metrics = grpo.update(trainer, trainer.ctx, rollout_of(prompts, completions, GRPO_REWARDS))["metrics"]
 
-    # TRL: [prompt | completion] with per-row padded [B, C] tensors.
-    completion_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)
-    for row, y in enumerate(completions):
-        completion_ids[row, :len(y)] = y
-    completion_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-    inputs = {"prompt_ids": prompts, "prompt_mask": torch.ones_like(prompts), "completion_ids": completion_ids,
-              "completion_mask": completion_mask, "advantages": advantages,
-              "num_items_in_batch": completion_mask.sum()}
+    plan = [mb for epoch in range(c["epochs"]) for mb in online.minibatch_plan(n, c["mini_batches"], seed=epoch)]
+    assert len(records) == len(plan) == c["epochs"] * c["mini_batches"]
+    lengths = torch.tensor(GRPO_COMPLETION_LENGTHS)
+    inputs = {"prompt_ids": prompts, "prompt_mask": torch.ones_like(prompts),
+              "completion_ids": padded_rows(completions),
+              "completion_mask": (torch.arange(max(lengths))[None, :] < lengths[:, None]).long(),
+              "advantages": group_advantages(GRPO_REWARDS, GRPO_GENERATIONS)}
     if c["beta"] > 0:
-        inputs["ref_per_token_logps"] = _rows(torch.cat(ref), lengths)[0]
-    if old is not None:
-        inputs["old_per_token_logps"] = _rows(torch.cat(old), lengths)[0]
-    trl_loss = trainer.compute_loss(trainer.model, inputs)
-    trl_loss.backward()
-    trl_grads = gradients(policy)
+        inputs["ref_per_token_logps"] = padded_rows(ref)
+    if len(plan) > 1:
+        inputs["old_per_token_logps"] = padded_rows(sampler)
+    for update, (rows, record) in enumerate(zip(plan, records)):
+        trl_grads = trl_gradients(trl_trainer, policy, record["weights"], inputs, rows)
+        assert record["grads"].keys() == trl_grads.keys()
+        for name, grad in trl_grads.items():
+            torch.testing.assert_close(record["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"update {update}: {name}")
 
-    settings = dict(temperature=c["temperature"], clip=c["epsilon"], clip_high=c["epsilon_high"],
-                    kl_coef=c["beta"], micro=c["micro"])
-    ours = posttrain_grpo_loss(policy, sequences, pad_id, advantages, old, ref, how=c["how"], **settings)
-    our_grads = gradients(policy)
-    other = "sequence_mean" if c["how"] == "token_mean" else "token_mean"
-    other_loss = posttrain_grpo_loss(policy, sequences, pad_id, advantages, old, ref, how=other, backward=False,
-                                     **settings)
-
-    # The batch can tell the settings apart, so a match is not a coincidence.
-    assert abs(other_loss - trl_loss.item()) > 1e-3, (other_loss, trl_loss.item())  # aggregation matters
-    if c["off_policy"]:
-        logps, olds = torch.cat(current), torch.cat(old)
-        adv = torch.repeat_interleave(advantages, torch.tensor(lengths))
-        _, clipped_asym, _ = ppo_policy_loss(logps, olds, adv, c["epsilon"], c["epsilon_high"])
-        _, clipped_sym, _ = ppo_policy_loss(logps, olds, adv, c["epsilon"], c["epsilon"])
-        ratio = torch.exp(logps - olds)
-        assert ((ratio < 1 - c["epsilon"]) & (adv < 0)).any() and ((ratio > 1 + c["epsilon_high"]) & (adv > 0)).any()
-        assert (clipped_asym != clipped_sym).any()  # epsilon_high changes which tokens are clipped
-        assert kl_k3(logps, torch.cat(ref)).mean() > 1e-3  # the KL term is not ~0
-    assert abs(ours - trl_loss.item()) < TOLERANCE, (case, ours, trl_loss.item())
-    assert our_grads.keys() == trl_grads.keys()
-    for name, grad in trl_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if len(plan) > 1:  # the later updates were off-policy and clipped: the match is not a ratio-1 coincidence
+        policy.load_state_dict(records[-1]["weights"])
+        moved = hf_completion_logps(policy, prompts, completions, c["temperature"])
+        assert max(float((a - b).abs().max()) for a, b in zip(moved, sampler)) > 0.3
+        assert metrics["clip_fraction"] > 0.01, metrics["clip_fraction"]
+    else:
+        assert metrics["clip_fraction"] == 0.0
+    if c["beta"] > 0:
+        assert kl_k3(torch.cat(sampler), torch.cat(ref)).mean() > 1e-3  # the KL term is not ~0
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # TRL's generate
 def test_grpo_on_trl_rollout_matches_trl(make_model, tmp_path):
     """TRL's own rollout (its generation, prompt padding, completion masks after EOS, reward-to-advantage code and
     reference log-probs): group_advantages on the rewards TRL saw equals TRL's advantages for each reward scaling,
-    and posttrain's token_mean loss (k3 KL to the same reference model, temperature 0.8) equals TRL's dapo loss."""
+    and grpo.update's gradients on those completions (token_mean, k3 KL to the same reference model, temperature
+    0.8) equal TRL's dapo loss's."""
     model_dir = make_model("qwen2")
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seen = []
@@ -369,7 +403,7 @@ def test_grpo_on_trl_rollout_matches_trl(make_model, tmp_path):
     beta, temperature = 0.05, 0.8
     args = trl.GRPOConfig(loss_type="dapo", beta=beta, temperature=temperature, num_generations=GRPO_GENERATIONS,
                           max_completion_length=6, use_bias_correction_kl=False, activation_checkpointing=False,
-                          **{**common_args(tmp_path), "per_device_train_batch_size": 2 * GRPO_GENERATIONS})
+                          **{**common_args(tmp_path / "trl"), "per_device_train_batch_size": 2 * GRPO_GENERATIONS})
     trainer = trl.GRPOTrainer(model=policy, reward_funcs=char_reward, args=args,
                               train_dataset=Dataset.from_list(GRPO_PROMPTS),
                               processing_class=AutoTokenizer.from_pretrained(model_dir))
@@ -386,34 +420,28 @@ def test_grpo_on_trl_rollout_matches_trl(make_model, tmp_path):
         assert rollout["advantages"].abs().max() > 0.1, scale
         torch.testing.assert_close(ours, rollout["advantages"], rtol=0, atol=1e-6, msg=scale)
 
-    trl_loss = trainer.compute_loss(trainer.model, rollout)
-    trl_loss.backward()
+    trainer.compute_loss(trainer.model, rollout).backward()
     trl_grads = gradients(policy)
 
-    # The same sequences, laid out as posttrain's rollout does: prompt + completion up to its end, right-padded.
+    # The same completions, laid out as posttrain's rollout does: prompt + completion up to its end, right-padded.
     # TRL left-pads the prompts and passes no position_ids, so its positions start at the padding: a shift by a
     # constant, which rotary attention (relative positions only) does not see, up to rounding.
-    sequences = []
+    prompts, completions = [], []
     for p_ids, p_mask, c_ids, c_mask in zip(rollout["prompt_ids"], rollout["prompt_mask"],
                                             rollout["completion_ids"], rollout["completion_mask"]):
-        prompt, completion = p_ids[p_mask.bool()].tolist(), c_ids[c_mask.bool()].tolist()
-        sequences.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
-    lengths = [len(s["input_ids"]) - s["labels"].count(-100) for s in sequences]
-    pad_id = trainer.processing_class.pad_token_id
-    full = collate(sequences, pad_id)
-    with torch.no_grad():
-        current = PolicyWithValue(policy)(full, temperature, values=False)[0].split(lengths)
-        ref = list(PolicyWithValue(trainer.ref_model)(full, temperature, values=False)[0].split(lengths))
+        prompts.append(p_ids[p_mask.bool()])
+        completions.append(c_ids[c_mask.bool()])
+    ref = hf_completion_logps(trainer.ref_model, prompts, completions, temperature)
     torch.testing.assert_close(torch.cat(ref), rollout["ref_per_token_logps"][rollout["completion_mask"].bool()],
                                rtol=0, atol=1e-5)
-
-    ours = posttrain_grpo_loss(policy, sequences, pad_id, rollout["advantages"], None, ref, how="token_mean",
-                               temperature=temperature, clip=0.2, clip_high=None, kl_coef=beta,
-                               micro=GRPO_GENERATIONS)
-    our_grads = gradients(policy)
+    stage = grpo_stage(model_dir, tmp_path, kl_coef=beta, temperature=temperature)
+    stage.ctx.reference = Reference("copy", trainer.ref_model)
+    records = record_updates(stage)
+    # group_advantages(scores) with scale "group" is what TRL used for this rollout (checked above)
+    grpo.update(stage, stage.ctx, rollout_of(prompts, completions, seen[-1]))
 
     assert (rollout["prompt_mask"] == 0).any()  # TRL did left-pad some prompts
-    assert kl_k3(torch.cat(current), torch.cat(ref)).mean() > 1e-3  # the KL term is not ~0
-    assert abs(ours - trl_loss.item()) < TOLERANCE, (ours, trl_loss.item())
+    assert len(records) == 1
+    assert kl_k3(torch.cat(hf_completion_logps(policy, prompts, completions, temperature)), torch.cat(ref)).mean() > 1e-3
     for name, grad in trl_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(records[0]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

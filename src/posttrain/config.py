@@ -109,6 +109,12 @@ class TrainConfig(Section):
     greater_is_better: bool | None = Field(None, description="Direction of `metric_for_best`; default: "
                                                              "lower is better for losses, higher otherwise.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (OUT/tensorboard) via accelerate.")
+    disable_dropout: bool = Field(True, description="Turn the model's dropout off (as TRL does): preference losses "
+                                                    "compare log-probs of the same tokens (DPO's first loss is ln 2 "
+                                                    "only without dropout) and RL needs the sampled policy to be "
+                                                    "the one it scores (ppo/grpo turn it off whatever this says). "
+                                                    "false keeps the model's dropout; LoRA's own `adapter.dropout` "
+                                                    "is applied either way.")
 
 
 class AdapterConfig(Section):
@@ -199,6 +205,21 @@ class GenerationConfig(Section):
                                                            "default: every prompt of the step at once.")
 
 
+def resolve_reference(setting: str, method: str, online: bool) -> str:
+    """The reference strategy a stage uses (reference.py implements them). `auto`: adapter with LoRA; else
+    precompute for the offline stages (their examples are known up front), copy for ppo/grpo (their samples
+    are new every step)."""
+    if setting == "auto":
+        return "adapter" if method == "lora" else ("copy" if online else "precompute")
+    if setting == "adapter" and method != "lora":
+        raise ValueError("reference: adapter needs adapter.type: lora (use copy or precompute otherwise)")
+    if setting == "precompute" and online:
+        raise ValueError("reference: precompute is for offline stages (ppo and grpo sample new answers every step)")
+    if setting not in ("adapter", "copy", "precompute"):
+        raise ValueError(f"unknown reference strategy {setting!r}")
+    return setting
+
+
 class RLConfig(Section):
     reference: Literal["auto", "adapter", "copy"] = Field(
         "auto", description="The KL reference: `adapter` = the base with the LoRA adapter disabled (no copy), "
@@ -214,6 +235,10 @@ class RLConfig(Section):
     skip_invalid_rewards: bool = Field(False, description="A reward source that fails or returns None for a "
                                                           "completion scores it 0 (counted in `reward/skipped`) "
                                                           "instead of stopping.")
+
+    @property
+    def strategy(self) -> str:
+        return self.reference
 
 
 class PPOConfig(RLConfig):
@@ -317,22 +342,15 @@ class Config(Section):
         if self.stage == "embed" and self.adapter.type == "lora":
             raise ValueError("stage embed trains the whole encoder or its top layers (freeze.trainable_layers), "
                              "not a LoRA adapter")
-        reference = self.dpo.strategy
-        if reference == "auto":
-            reference = "adapter" if self.adapter.type == "lora" else "precompute"
-        if (self.stage == "dpo" and self.dpo.prefix_sharing and self.dpo.loss not in ("simpo", "orpo")
-                and reference != "precompute"):
-            raise ValueError("dpo.prefix_sharing needs dpo.reference: precompute (or a reference-free loss: "
-                             "simpo, orpo)")
         if self.train.group_by_length is None:
             self.train.group_by_length = self.stage not in ("ppo", "grpo")
         if self.stage in ("ppo", "grpo"):
             if not self.rewards:
                 raise ValueError(f"stage {self.stage} needs `rewards:` (a list of reward sources)")
-            if getattr(self, self.stage).reference == "adapter" and self.adapter.type != "lora":
-                raise ValueError(f"{self.stage}.reference: adapter needs adapter.type: lora (use copy otherwise)")
         elif self.rewards:
             raise ValueError(f"`rewards:` is for stages ppo and grpo, not {self.stage}")
+        if self.stage in ("dpo", "kto", "ppo", "grpo"):
+            resolve_reference(getattr(self, self.stage).strategy, self.method, online=self.stage in ("ppo", "grpo"))
         return self
 
     @property

@@ -40,7 +40,8 @@ from .data.sources import read_rows
 from .engine import Completion, Engine, SamplingParams
 from .errors import ConfigError
 from .generate import _prompt_ids, read_prompts
-from .stages.lm import lm_evaluate, response_logps
+from .forward import sequence_logps
+from .stages.lm import lm_evaluate
 
 log = logging.getLogger("posttrain")
 
@@ -185,7 +186,7 @@ def _logps(model, pad_id: int, prompts: list[list[int]], completions: list[Compl
         chosen = order[start:start + batch_size]
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate([features[i] for i in chosen], pad_id).items()}
-        row_sums, row_counts = response_logps(model, batch)
+        row_sums, row_counts = sequence_logps(model, batch)
         for i, s, n in zip(chosen, row_sums.tolist(), row_counts.tolist()):
             sums[i], counts[i] = s, n
     model.train(was_training)

@@ -56,40 +56,13 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Preference learning: sequence log-probs, Bradley–Terry, the DPO family and KTO.
+# Preference learning: Bradley–Terry, the DPO family and KTO. The sequence log-probs they take come from
+# forward.sequence_logps: logp(y|x) = sum over the response tokens of log softmax(logits)[token], in fp32.
 #
 # Parity notes: TRL 1.16 (trl/trainer/dpo_trainer.py, kto_trainer.py, reward_trainer.py) is the reference
 # implementation; tests/test_trl_parity.py checks sigmoid / ipo / hinge DPO, KTO and the reward-model loss against
 # TRL's own `compute_loss` to 1e-5. Where TRL and the papers differ, we follow TRL and say so below.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token log-probabilities of the targets, 0 where not trained.
-
-    out[n, t] = [labels[n, t+1] != -100] * log softmax(logits[n, t])[labels[n, t+1]]
-
-    `logits` [N, L, V], `labels` [N, L] aligned with input_ids; returns [N, L-1] (position t scores the token at
-    t+1, as in TRL's fused head). fp32, one sequence at a time, so the fp32 temporaries are [L, V], never [N, L, V].
-    """
-    targets = labels[:, 1:]
-    if logits.size(0) == 0:
-        return logits.new_zeros(targets.shape, dtype=torch.float32)
-    rows = [F.cross_entropy(logits[n, :-1].float(), targets[n], ignore_index=IGNORE, reduction="none")
-            for n in range(logits.size(0))]
-    return -torch.stack(rows)  # cross_entropy already gives 0 at ignored positions
-
-
-def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of the target log-probabilities over each sequence's trained tokens, and how many there are.
-
-    logp(y|x) = sum_t [labels[t+1] != -100] * log softmax(logits[t])[labels[t+1]]
-
-    [N, L, V], [N, L] -> ([N] fp32, [N] int64). The length-normalised log-prob (SimPO, ORPO, IPO) is
-    logps / counts.clamp(min=1).
-    """
-    counts = (labels[:, 1:] != IGNORE).sum(dim=1)
-    return token_logps(logits, labels).sum(dim=1), counts
 
 
 def bradley_terry(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,

@@ -186,6 +186,17 @@ def _init_reward_head(model) -> None:
                 head.bias.zero_()
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere in the model: nn.Dropout modules and the float rates some attention
+    implementations read from their module (attention_dropout, ...)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
 def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
     from peft import LoraConfig, TaskType, get_peft_model
 

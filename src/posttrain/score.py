@@ -18,6 +18,7 @@ from .data.formats import load_examples
 from .data.pairs import encode_feedback, encode_preference
 from .data.sources import read_rows
 from .errors import ConfigError, DataError
+from .forward import sequence_scores
 from .modeling import resolve_model_path, load_tokenizer
 
 
@@ -31,6 +32,8 @@ def load_reward_model(path: str):
 
 @torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], pad_id: int, offset: float, batch_size: int = 16) -> list[float]:
+    """The reward of each token sequence, read at its last token (forward.sequence_scores), plus `offset`."""
+    device = next(model.parameters()).device
     rewards: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
@@ -40,8 +43,8 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, offset: floa
         for i, seq in enumerate(chunk):
             ids[i, :len(seq)] = torch.tensor(seq)
             mask[i, :len(seq)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
-        rewards += (logits + offset).tolist()
+        scores = sequence_scores(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+        rewards += (scores + offset).tolist()
     return rewards
 
 

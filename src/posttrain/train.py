@@ -24,8 +24,8 @@ from .data.batching import collate, collate_packed, pack
 from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
 from .errors import ConfigError, DataError
-from .modeling import (apply_freeze, apply_lora, count_parameters, load_model, load_tokenizer, save_pretrained,
-                       use_bf16, write_into)
+from .modeling import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_model, load_tokenizer,
+                       save_pretrained, use_bf16, write_into)
 from .plots import plot_metrics
 from .stages import STAGES, Stage
 
@@ -85,6 +85,8 @@ def build_model(config: Config, stage: Stage, tokenizer, labels):
     model = load_model(config.model, stage.task, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
                        attn_implementation=config.attn_implementation, labels=labels,
                        quantize=config.adapter.quantize if config.method == "lora" else None)
+    if config.train.disable_dropout:  # before LoRA, so that adapter.dropout still applies
+        disable_dropout(model)
     if config.method == "lora":
         model = apply_lora(model, config.adapter, stage.task)
     elif config.method == "freeze":
@@ -132,9 +134,14 @@ def clear_previous_run(out_dir: Path) -> None:
 
 
 def run_training(config: Config) -> dict:
-    stage = STAGES[config.stage]
     out_dir = Path(config.output_dir)
-    resume_from = ckpt.find_resume_checkpoint(config.resume, out_dir)
+    return _train(config, out_dir, ckpt.find_resume_checkpoint(config.resume, out_dir))
+
+
+def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None):
+    """Data, accelerator, model, stage context and the loop's Trainer: everything a run needs before its first
+    step (tests use it to drive a stage's real code). Returns the trainer and what the summary reports."""
+    stage = STAGES[config.stage]
     tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
     data = prepare_data(config, stage, tokenizer)
     for key in ("train_load", "train_encode", "eval_load", "eval_encode"):
@@ -173,6 +180,14 @@ def run_training(config: Config) -> dict:
     from .trainer import Trainer
 
     trainer = Trainer(config, model, stage, units, eval_units, unit_length, collate_fn, accelerator, out_dir, ctx)
+    return trainer, {"tokenizer": tokenizer, "data": data, "trainable": trainable, "total": total}
+
+
+def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
+    stage = STAGES[config.stage]
+    trainer, run = build_trainer(config, out_dir, resume_from)
+    accelerator, ctx, tokenizer, data = trainer.accelerator, trainer.ctx, run["tokenizer"], run["data"]
+    trainable, total = run["trainable"], run["total"]
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     result = trainer.fit(resume_from)

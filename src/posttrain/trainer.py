@@ -162,7 +162,6 @@ class Trainer:
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         grad_norm = self.clip_gradients()[0]
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if world > 1:  # log what the step did on every process, not rank 0's share
             keys = sorted(metric_sums)
@@ -239,6 +238,7 @@ class Trainer:
                 result = self.stage.step(self, units, self.ctx)
             else:
                 result = self._train_step(steps[self.state.batch_in_epoch])
+            self.scheduler.step()  # once per step: an offline optimizer step, or an online step's rollout
             window["seconds"] += time.time() - step_started
             window["loss"] += result["loss"]
             window["steps"] += 1

@@ -5,8 +5,10 @@ Per step: G = grpo.num_generations completions per prompt; their rewards give on
 (losses.ppo_policy_loss, optional asymmetric clip) plus kl_coef * k3 KL to the reference, aggregated as a
 token mean over the update (DAPO) or a mean of per-completion means (original GRPO).
 
-With grpo.epochs = 1 the old log-probs are the current ones detached (ratio 1: the plain policy gradient),
-so no extra forward is needed; with more epochs they are computed once per rollout, without gradients.
+With one optimizer update per rollout (epochs = 1, mini_batches = 1) the old log-probs are the current ones
+detached (ratio 1: the plain policy gradient), so no extra forward is needed; when a rollout feeds several
+updates they are computed once per rollout, before the first update and without gradients, so the later
+updates are importance-weighted and clipped against the policy that sampled.
 Metrics: reward (mean), reward_std, reward/<source>, kl (mean over completions of the summed k1 KL to the
 reference, when a reference is tracked), entropy, response_length, no_eos_fraction, clip_fraction.
 """
@@ -22,7 +24,8 @@ from .online import PolicyWithValue
 
 
 def setup(config, model, tokenizer, accelerator):
-    return online.setup_online(config, model, tokenizer, accelerator, config.grpo)
+    return online.setup_online(config, model, tokenizer, accelerator, config.grpo,
+                               need_reference=config.grpo.kl_coef > 0 or config.grpo.track_kl)
 
 
 def wrap(config, model, tokenizer):
@@ -30,26 +33,35 @@ def wrap(config, model, tokenizer):
 
 
 def step(trainer, prompts: list[dict], ctx) -> dict:
+    """One rollout of the step's prompts (G completions each), scored, then the updates on it."""
+    ro = online.rollout(trainer, ctx, prompts, ctx.config.grpo.num_generations, ctx.config.grpo.missing_eos_penalty)
+    return update(trainer, ctx, ro)
+
+
+def update(trainer, ctx, ro: online.Rollout) -> dict:
+    """epochs x mini_batches optimizer updates on one scored rollout; returns the step's metrics."""
     cfg, acc, temperature = ctx.config.grpo, trainer.accelerator, ctx.config.generation.temperature
-    G = cfg.num_generations
-    ro = online.rollout(trainer, ctx, prompts, G, cfg.missing_eos_penalty)
     rolled_out = time.perf_counter()
-    advantages = group_advantages(ro.scores, G, cfg.baseline, cfg.scale)
+    advantages = group_advantages(ro.scores, cfg.num_generations, cfg.baseline, cfg.scale)
     n = len(ro.sequences)
-    micro = trainer.train_cfg.batch_size * G
+    micro = trainer.train_cfg.batch_size * cfg.num_generations
     model = trainer.model
 
+    # With one optimizer update per rollout the policy that sampled is the one being updated: the old log-probs
+    # are the current ones detached (ratio 1), no extra forward. With more (epochs > 1 or mini_batches > 1)
+    # they are computed once, before the first update, so that later updates see the ratio to the sampler.
+    off_policy = online.updates_per_rollout(n, cfg.epochs, cfg.mini_batches) > 1
     old_logps = ref_logps = None
-    if cfg.epochs > 1 or ctx.reference_strategy is not None:
+    if off_policy or ctx.reference is not None:
         old, ref = [], []
         actor = online.unwrap(model)
         for indices in online.micro_batches(list(range(n)), micro):
             batch = online.batch_of(trainer, ctx, ro, indices)
             with acc.autocast():
-                if cfg.epochs > 1:
+                if off_policy:
                     with torch.no_grad():
                         old.append(actor(batch, temperature, values=False)[0])
-                if ctx.reference_strategy is not None:
+                if ctx.reference is not None:
                     ref.append(online.reference_logps(ctx, actor, batch, temperature))
         old_logps = online.split_tokens(torch.cat(old), ro.response_tokens) if old else None
         ref_logps = online.split_tokens(torch.cat(ref), ro.response_tokens) if ref else None
@@ -87,7 +99,6 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
         return sum(ro.response_tokens[i] for i in minibatch) if cfg.loss == "token_mean" else len(minibatch)
 
     (grad_norm, _), updates = online.run_updates(trainer, n, cfg.epochs, cfg.mini_batches, micro, count, micro_step)
-    trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
     tokens = max(sums["tokens"], 1.0)

@@ -30,8 +30,10 @@ from ..data.examples import Prompt
 from ..data.formats import LoadReport, _as_sources
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError
-from ..losses import IGNORE, shift_labels
-from ..modeling import plain_head_parts
+from ..forward import scores_at, selection, token_logps, unwrap
+from ..losses import IGNORE
+from ..modeling import disable_dropout
+from ..reference import Reference
 from .rewards import build_sources, score
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -114,36 +116,14 @@ class PolicyWithValue(nn.Module):
         return self.policy.config
 
     def forward(self, batch: dict, temperature: float = 1.0, values: bool = True):
-        targets = shift_labels(batch["labels"])
-        selected = targets != IGNORE
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        parts = plain_head_parts(self.policy)
         want_hidden = values and self.value_head is not None
-        if parts is not None:
-            body, head = parts
-            hidden = body(**inputs, use_cache=False).last_hidden_state[selected]
-            logits = head(hidden)
-        else:
-            out = self.policy(**inputs, use_cache=False, output_hidden_states=want_hidden)
-            logits = out.logits[selected]
-            hidden = out.hidden_states[-1][selected] if want_hidden else None
-        logits = logits.float() / temperature
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[selected][:, None]).squeeze(-1)
+        out = token_logps(self.policy, batch, temperature, with_hidden=want_hidden)
         value = None
         if want_hidden:
-            value = self.value_head(hidden).squeeze(-1).float()
-        elif values and self.critic is not None:
-            value = critic_values(self.critic, inputs, selected)
-        return logps, logits, value
-
-
-def critic_values(critic: nn.Module, inputs: dict, selected: torch.Tensor) -> torch.Tensor:
-    """A sequence-classification model's scalar head applied at every selected position (not only the last)."""
-    hf = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
-    body = getattr(hf, hf.base_model_prefix)
-    head = getattr(hf, "score", None) or getattr(hf, "classifier")
-    hidden = body(**inputs, use_cache=False).last_hidden_state[selected]
-    return head(hidden).squeeze(-1).float()
+            value = self.value_head(out["hidden"]).squeeze(-1).float()
+        elif values and self.critic is not None:  # a sequence classifier's head at every response position
+            value = scores_at(self.critic, batch, selection(batch)[0])
+        return out["logps"], out["logits"], value
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -152,21 +132,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def disable_dropout(module: nn.Module) -> None:
-    """RL compares log-probs of the same tokens across passes: dropout would make them differ."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ------------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------- context
 
 
 @dataclass
@@ -175,42 +141,23 @@ class OnlineContext:
     tokenizer: object
     sources: list
     engine: Engine
-    reference_strategy: str | None = None
-    reference: nn.Module | None = None   # the frozen copy ("copy")
+    reference: Reference | None = None   # None: no KL to a reference is computed
     extra: dict = field(default_factory=dict)
 
 
-def build_reference(options, config, tokenizer, device) -> tuple[str, nn.Module | None]:
-    strategy = options.reference
-    if strategy == "auto":
-        strategy = "adapter" if config.method == "lora" else "copy"
-    if strategy == "adapter":
-        return strategy, None
-    from ..modeling import load_model
-
-    copy = load_model(config.model, "causal", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
-                      attn_implementation=config.attn_implementation)
-    disable_dropout(copy)
-    return strategy, copy.eval().requires_grad_(False).to(device)
-
-
-@torch.no_grad()
 def reference_logps(ctx: OnlineContext, actor: PolicyWithValue, batch: dict, temperature: float) -> torch.Tensor:
-    if ctx.reference_strategy == "adapter":
-        with actor.policy.disable_adapter():
-            return actor(batch, temperature, values=False)[0]
-    return PolicyWithValue(ctx.reference)(batch, temperature, values=False)[0]
+    return ctx.reference.token_logps(actor.policy, batch, temperature)
 
 
-def setup_online(config, model, tokenizer, accelerator, options) -> OnlineContext:
+def setup_online(config, model, tokenizer, accelerator, options, need_reference: bool) -> OnlineContext:
     sources = build_sources(config.rewards)
     actor = unwrap(model)
-    disable_dropout(actor)
-    strategy, reference = None, None
-    if getattr(options, "kl_coef", 0) > 0 or getattr(options, "track_kl", True):
-        strategy, reference = build_reference(options, config, tokenizer, accelerator.device)
+    disable_dropout(actor)  # RL compares log-probs of the same tokens across passes: whatever train.disable_dropout
+    reference = None
+    if need_reference:
+        reference = Reference.build(options.reference, config, tokenizer, accelerator.device, online=True)
     engine = Engine(actor.policy, tokenizer)
-    return OnlineContext(config, tokenizer, sources, engine, strategy, reference)
+    return OnlineContext(config, tokenizer, sources, engine, reference)
 
 
 # ------------------------------------------------------------------------------------------- rollouts
@@ -293,12 +240,21 @@ def split_tokens(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
 
 
 def minibatch_plan(n: int, mini_batches: int, seed: int) -> list[list[int]]:
-    """Shuffled sequence indices cut into `mini_batches` parts (one optimizer update each)."""
+    """Shuffled sequence indices cut into `mini_batches` parts (one optimizer update each), as even as can be:
+    sizes differ by at most one (10 into 4: 3, 3, 2, 2), never a lone last sequence."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     parts = max(1, min(mini_batches, n))
-    size = math.ceil(n / parts)
-    return [order[i:i + size] for i in range(0, n, size)]
+    size, extra = divmod(n, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def updates_per_rollout(n: int, epochs: int, mini_batches: int) -> int:
+    """Optimizer updates one rollout of n sequences feeds: more than one makes the later ones off-policy."""
+    return epochs * max(1, min(mini_batches, n))
 
 
 def total_over_processes(trainer, value: float) -> float:

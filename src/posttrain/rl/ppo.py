@@ -61,11 +61,8 @@ def wrap(config, model, tokenizer):
 
 
 def setup(config, model, tokenizer, accelerator):
-    ctx = online.setup_online(config, model, tokenizer, accelerator, config.ppo)
-    if ctx.reference_strategy is None:  # ppo always needs the reference for its KL penalty
-        ctx.reference_strategy, ctx.reference = online.build_reference(config.ppo, config, tokenizer,
-                                                                       accelerator.device)
-    return ctx
+    # ppo always needs the reference: its KL penalty is part of the reward
+    return online.setup_online(config, model, tokenizer, accelerator, config.ppo, need_reference=True)
 
 
 def _padded(per_sequence: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +75,15 @@ def _padded(per_sequence: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def step(trainer, prompts: list[dict], ctx) -> dict:
+    """One rollout of the step's prompts (one response each), scored, then the updates on it."""
+    return update(trainer, ctx, online.rollout(trainer, ctx, prompts, 1, ctx.config.ppo.missing_eos_penalty))
+
+
+def update(trainer, ctx, ro: online.Rollout) -> dict:
+    """KL-penalised rewards, GAE, then epochs x mini_batches optimizer updates on one scored rollout."""
     cfg, acc = ctx.config.ppo, trainer.accelerator
     temperature = ctx.config.generation.temperature
     beta = trainer.state.stage_state.get("kl_coef", cfg.kl_coef)
-    ro = online.rollout(trainer, ctx, prompts, 1, cfg.missing_eos_penalty)
     rolled_out = time.perf_counter()
     n, micro, model = len(ro.sequences), trainer.train_cfg.batch_size, trainer.model
     actor = online.unwrap(model)
@@ -138,7 +140,6 @@ def step(trainer, prompts: list[dict], ctx) -> dict:
 
     (grad_norm, value_grad_norm), _ = online.run_updates(
         trainer, n, cfg.epochs, cfg.mini_batches, micro, lambda mb: sum(ro.response_tokens[i] for i in mb), micro_step)
-    trainer.scheduler.step()
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
     tokens = max(sums["tokens"], 1.0)

@@ -9,17 +9,19 @@ import torch
 
 from ..data.pairs import collate_pairs
 from ..losses import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_rewards
+from ..forward import check_explicit_mask_kernel, sequence_logps
+from ..reference import Reference
 from .base import Stage
-from .lm import response_logps
-from .prefix import collate_shared_prefix, shared_prefix_logps
-from .reference import (Reference, StageContext, encode_pairs, evaluate_with_loss, pair_tokens,
-                        precompute_reference)
+from .pairwise import StageContext, encode_pairs, evaluate_with_loss, pair_tokens, precompute_reference
+from .prefix import collate_shared_prefix
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
+    if config.dpo.prefix_sharing:
+        check_explicit_mask_kernel(model, "dpo.prefix_sharing")
     reference = None
     if config.dpo.loss not in REFERENCE_FREE_LOSSES:
-        reference = Reference.build(config.dpo, config, tokenizer, accelerator.device)
+        reference = Reference.build(config.dpo.strategy, config, tokenizer, accelerator.device)
     return StageContext(config, reference, {"pad_id": tokenizer.pad_token_id})
 
 
@@ -30,10 +32,9 @@ def collate(features, pad_id, ctx):
 
 
 def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probs and token counts, from the plain or the shared-prefix batch."""
-    if "shared_prefix" in batch:
-        return shared_prefix_logps(model, batch)
-    logps, counts = response_logps(model, batch)
+    """(chosen, rejected) summed log-probs and token counts, from the plain or the shared-prefix batch (both
+    put the chosen sequences first)."""
+    logps, counts = sequence_logps(model, batch)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:], counts[:n], counts[n:]
 
@@ -41,9 +42,7 @@ def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 def reference_logps(model, batch, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     if "ref_chosen_logps" in batch:
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    if "shared_prefix" in batch:
-        raise RuntimeError("prefix sharing needs precomputed reference log-probs or a reference-free loss")
-    logps = ctx.reference.logps(model, batch)
+    logps = ctx.reference.sequence_logps(model, batch)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]
 

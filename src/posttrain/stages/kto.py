@@ -11,15 +11,16 @@ import torch
 
 from ..data.pairs import collate_feedback, encode_feedbacks, pair_mismatched
 from ..losses import kto_kl, kto_loss
+from ..forward import sequence_logps
+from ..reference import Reference
 from .base import Stage
-from .lm import response_logps
-from .reference import Reference, StageContext, evaluate_with_loss, precompute_reference
+from .pairwise import StageContext, evaluate_with_loss, precompute_reference
 
 KL_KEYS = {"kl_input_ids": "input_ids", "kl_attention_mask": "attention_mask", "kl_labels": "labels"}
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
-    reference = Reference.build(config.kto, config, tokenizer, accelerator.device)
+    reference = Reference.build(config.kto.strategy, config, tokenizer, accelerator.device)
     return StageContext(config, reference, {"pad_id": tokenizer.pad_token_id})
 
 
@@ -44,14 +45,14 @@ def _kl_rows(batch: dict) -> dict:
 
 def kto_stage_loss(model, batch, ctx) -> tuple[torch.Tensor, int, dict]:
     options = ctx.config.kto
-    policy, _ = response_logps(model, _main_rows(batch))
+    policy, _ = sequence_logps(model, _main_rows(batch))
     with torch.no_grad():
-        policy_kl, _ = response_logps(model, _kl_rows(batch))
+        policy_kl, _ = sequence_logps(model, _kl_rows(batch))
     if "ref_logps" in batch:
         reference, reference_kl = batch["ref_logps"], batch["ref_kl_logps"]
     else:
-        reference = ctx.reference.logps(model, _main_rows(batch))
-        reference_kl = ctx.reference.logps(model, _kl_rows(batch))
+        reference = ctx.reference.sequence_logps(model, _main_rows(batch))
+        reference_kl = ctx.reference.sequence_logps(model, _kl_rows(batch))
     kl = kto_kl(policy_kl, reference_kl)
     desirable = batch["desirable"].bool()
     losses = kto_loss(policy, reference, desirable, kl, beta=options.beta,

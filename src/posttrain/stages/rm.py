@@ -1,7 +1,8 @@
 """`rm`: a reward model from preference pairs (Bradley-Terry), a scalar head read at the last token.
 
-The model is AutoModelForSequenceClassification with num_labels=1 (transformers reads the score at the
-last non-pad token). After training, the mean reward over the training responses is measured and stored
+The model is AutoModelForSequenceClassification with num_labels=1; its score head is read at each response's
+last real token, found from the attention mask (forward.sequence_scores), on every path: training, prefix
+sharing, `posttrain score` and reward models inside RL. After training, the mean reward over the training responses is measured and stored
 as `reward_offset` in config.json; `posttrain score` adds it, so scored rewards have mean 0 on the
 training data.
 """
@@ -10,13 +11,16 @@ from __future__ import annotations
 import torch
 
 from ..data.pairs import collate_pairs
+from ..forward import check_explicit_mask_kernel, sequence_scores
 from ..losses import bradley_terry
 from .base import Stage
-from .prefix import collate_shared_prefix, shared_prefix_rewards
-from .reference import StageContext, encode_pairs, evaluate_with_loss, pair_tokens
+from .pairwise import StageContext, encode_pairs, evaluate_with_loss, pair_tokens
+from .prefix import collate_shared_prefix
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
+    if config.rm.prefix_sharing:
+        check_explicit_mask_kernel(model, "rm.prefix_sharing")
     return StageContext(config)
 
 
@@ -27,11 +31,8 @@ def collate(features, pad_id, ctx):
 
 
 def rewards(model, batch) -> torch.Tensor:
-    """One scalar per row (chosen rows, then rejected rows): the score head at the last non-pad token."""
-    if "shared_prefix" in batch:
-        return torch.cat(shared_prefix_rewards(model, batch))
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits.squeeze(-1).float()
+    """One scalar per sequence (chosen ones, then rejected ones), read at each one's last real token."""
+    return sequence_scores(model, batch)
 
 
 def rm_loss(model, batch, ctx) -> tuple[torch.Tensor, int, dict]:

@@ -1,0 +1,65 @@
+"""What the pairwise and preference stages (rm, dpo, kto) share: their context, the precomputed reference
+log-probs (reference.py has the strategies), pair encoding and evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..reference import Reference
+
+
+@dataclass
+class StageContext:
+    config: object
+    reference: Reference | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], collate) -> None:
+    """Store the reference log-probs of every train and eval unit in the unit itself (keys `row_keys`).
+
+    `collate(units)` builds a batch whose rows are the units' sequences for each key in turn (e.g. all
+    chosen rows, then all rejected rows)."""
+    if ctx.reference is None or ctx.reference.strategy != "precompute":
+        return
+    device = trainer.accelerator.device
+    for units in (trainer.units, trainer.eval_units):
+        size = trainer.train_cfg.batch_size
+        for start in range(0, len(units), size):
+            chunk = units[start:start + size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            with trainer.accelerator.autocast():
+                values = ctx.reference.sequence_logps(trainer.model, batch).float().cpu()
+            parts = values.split(len(chunk))
+            for key, part in zip(row_keys, parts):
+                for unit, value in zip(chunk, part.tolist()):
+                    unit[key] = value
+
+
+def encode_pairs(examples, tokenizer, config):
+    """Preference pairs for rm and dpo, under the data section's length limits."""
+    from ..data.pairs import encode_preferences
+
+    return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
+                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
+
+
+def pair_tokens(feature: dict) -> int:
+    """Tokens a feature stands for (the prompt counts once per sequence it is part of)."""
+    return 2 * len(feature["prompt_ids"]) + len(feature["chosen_ids"]) + len(feature["rejected_ids"])
+
+
+@torch.no_grad()
+def evaluate_with_loss(loss_fn, model, batches, autocast, ctx) -> dict[str, float]:
+    """Eval metrics of a pairwise stage: its loss and metrics averaged over all eval items."""
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        with autocast():
+            loss_sum, n, metrics = loss_fn(model, batch, ctx)
+        count += n
+        totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return {f"eval_{k}": v / max(count, 1) for k, v in totals.items()}
