@@ -395,3 +395,20 @@ def test_recipe_steps_index_and_make_sft_data(corpus, questions_file, tmp_path):
     write_promotion(folder, seed=11)  # a changed document reruns the index step (incrementally) and what reads it
     again = run_recipe(recipe)
     assert again["index"]["result"]["changed"] == 1 and not again["raft"]["skipped"]
+
+
+def test_pairs_from_your_own_questions(index, questions_file, tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    code, printed, _ = cli(capsys, "rag", "pairs", index[0], "--questions", questions_file, "--out", out)
+    assert code == 0 and "0 left out" in printed
+    questions = [json.loads(line) for line in questions_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["query"] for r in rows] == [q["question"] for q in questions]
+    for row, question in zip(rows, questions):
+        assert question["answer"].lower() in " ".join(row["positive"].lower().split())
+        assert row["source"].split("#")[0].endswith(question["source"].split("#")[0])
+        assert row.get("negative") != row["positive"]
+    # a hard negative needs a BM25 match that is not relevant; a question whose words only its answer has gets none
+    assert sum("negative" in row for row in rows) >= len(rows) - 3
+    code, _, err = cli(capsys, "rag", "pairs", index[0], "--out", out)
+    assert code == 2 and "either --model" in err

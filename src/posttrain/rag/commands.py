@@ -49,8 +49,17 @@ def _eval(args) -> None:
 
 
 def _pairs(args) -> None:
-    from .pairs import make_pairs
+    from .pairs import make_pairs, pairs_from_questions
 
+    if (args.model is None) == (args.questions is None):
+        from ..errors import ConfigError
+
+        raise ConfigError("rag pairs: give either --model (generate questions) or --questions (use these)")
+    if args.questions:
+        counts = pairs_from_questions(args.index, args.questions, args.out, negatives=not args.no_negatives)
+        print(f"wrote {counts['pairs']} pairs for {counts['questions']} questions ({counts['with_negative']} with "
+              f"a hard negative; {counts['not_in_index']} left out: no relevant chunk in the index) -> {args.out}")
+        return
     counts = make_pairs(args.index, args.model, args.out, per_chunk=args.per_chunk, max_chunks=args.max_chunks,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         negatives=not args.no_negatives, batch_size=args.batch_size)
@@ -108,9 +117,11 @@ def add_rag_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_eval)
 
-    p = rag.add_parser("pairs", help="(question, chunk) pairs from a generator model, for `stage: embed`")
+    p = rag.add_parser("pairs", help="(question, chunk) pairs for `stage: embed`, from a generator model "
+                                      "or from your questions")
     p.add_argument("index")
-    p.add_argument("--model", required=True, help="generator model directory")
+    p.add_argument("--model", help="generator model directory: it writes the questions")
+    p.add_argument("--questions", help="or: your questions, rows {question, source? chunk_id? answer?}")
     p.add_argument("--out", required=True, help="JSONL of {query, positive, negative, source, chunk_id}")
     p.add_argument("--per-chunk", type=int, default=1, help="questions per chunk")
     p.add_argument("--max-chunks", type=int, help="use this many chunks, drawn with --seed (default: all)")

@@ -152,12 +152,12 @@ def build_index(paths: list[str], out: str, *, embedder: str | None = None, chun
 def _embedder(meta: dict, given: str | None, rebuild: bool, out: str):
     """The embedder for this run: the given one (which must match the index's unless rebuilding), else the
     one the index was built with, else none (BM25 only)."""
+    recorded = meta.get("embedder")
+    if given is None and (recorded is None or rebuild):
+        return None  # BM25 only: torch is not even imported
     from .embed import Embedder, fingerprint
 
-    recorded = meta.get("embedder")
     if given is None:
-        if recorded is None or rebuild:
-            return None
         if not Path(recorded["path"]).is_dir() or fingerprint(recorded["path"]) != recorded["fingerprint"]:
             raise ConfigError(f"{out} was built with the embedder {recorded['path']}, which is gone or has changed; "
                               "pass --embedder DIR with --rebuild to re-embed everything")

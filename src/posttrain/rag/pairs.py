@@ -7,6 +7,11 @@ indexed (heading path + text); `negative`, a hard negative, is the best BM25 mat
 another chunk (it may occasionally be a second chunk that also answers: such false negatives are the usual
 price of mined negatives). Empty generations are counted and left out. The file is written to a temporary
 name and renamed when complete.
+
+With `--questions FILE` instead of a model (rows like `rag eval`'s: `question` plus `source`, `chunk_id` and/or
+`answer`), the queries are those questions: the positive is the best BM25-ranked relevant chunk (else the first
+relevant chunk in the index), the negative the best-ranked chunk that is not relevant. Questions whose answer is
+nowhere in the index are counted and left out.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import random
 
 from ..errors import ConfigError
+from .evaluate import read_questions, relevant
 from .retrieve import Retriever
 
 PROMPT = "Write one short question that the following passage answers.\n\nPassage:\n{passage}\n\nQuestion:"
@@ -68,4 +74,36 @@ def make_pairs(index: str, model: str, out: str, *, per_chunk: int = 1, max_chun
                 counts["pairs"] += 1
     os.replace(partial, out)
     retriever.close()
+    return counts
+
+
+def pairs_from_questions(index: str, questions_path: str, out: str, *, negatives: bool = True,
+                         depth: int = 30) -> dict:
+    questions = read_questions(questions_path)
+    retriever = Retriever(index)
+    store = retriever.store
+    counts = {"questions": len(questions), "pairs": 0, "with_negative": 0, "not_in_index": 0}
+    try:
+        with store.snapshot():
+            everything = store.chunks(store.all_chunk_ids())
+        partial = f"{out}.partial"
+        with open(partial, "w", encoding="utf-8") as handle:
+            for q in questions:
+                ranked = [everything[i] for i, _ in store.bm25(q["question"], depth) if i in everything]
+                positive = next((c for c in ranked if relevant(c, q)), None) or \
+                    next((c for c in everything.values() if relevant(c, q)), None)
+                if positive is None:
+                    counts["not_in_index"] += 1
+                    continue
+                row = {"query": q["question"], "positive": indexed_text(positive), "source": positive["source"],
+                       "chunk_id": positive["id"]}
+                negative = next((c for c in ranked if not relevant(c, q)), None) if negatives else None
+                if negative is not None:
+                    row["negative"] = indexed_text(negative)
+                    counts["with_negative"] += 1
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                counts["pairs"] += 1
+        os.replace(partial, out)
+    finally:
+        retriever.close()
     return counts

@@ -49,12 +49,12 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = RRF_K) -> list[tu
 class Retriever:
     def __init__(self, index: str | Path, *, embedder: str | None = None, reranker: str | None = None,
                  device: str | None = None):
-        from .embed import Embedder, Reranker, fingerprint
-
         self.index = str(index)
         self.store = open_store(index)
         recorded = self.store.meta().get("embedder")
         self.embedder = None
+        if embedder or recorded or reranker:  # BM25 alone does not import torch
+            from .embed import Embedder, Reranker, fingerprint
         if embedder is not None:
             if recorded is None:
                 raise ConfigError(f"{index} has no vectors (it was built without an embedder): query it with "
