@@ -122,7 +122,7 @@ class Engine:
         ("int8") quantises the linear weights after the adapter is attached (see quantize.py)."""
         from pathlib import Path
 
-        from .modeling import load_model, load_tokenizer
+        from .modeling import check_adapter, load_model, load_tokenizer
 
         tokenizer_source = str(model_dir)
         if adapter is not None:
@@ -135,6 +135,7 @@ class Engine:
         if adapter is not None:
             from peft import PeftModel
 
+            check_adapter(model, adapter, str(model_dir))
             model = PeftModel.from_pretrained(model, str(adapter))
         from .quantize import quantize_weights
 

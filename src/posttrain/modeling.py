@@ -6,6 +6,7 @@ generation config whose EOS list contains the template's end-of-turn token (so t
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -17,6 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GenerationConfig, PreTrainedModel)
 
 from .errors import ConfigError
+from .hub import resolve_model_path
 
 log = logging.getLogger("posttrain")
 
@@ -59,25 +61,28 @@ def use_bf16(setting: bool | str) -> bool:
 
 # ---------------------------------------------------------------- tokenizer
 
-def resolve_model_path(name: str) -> str:
-    """The local directory (with ~ expanded), or the name as a hub id when no such directory exists."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise ConfigError(f"model directory {name} has no config.json")
-        return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ConfigError(f"model not found: {name} (no such directory; give a model directory or a hub id "
-                          f"such as Qwen/Qwen2.5-0.5B, or create one with `posttrain init-model`)")
-    return name
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model directory or hub id; a directory without tokenizer files, or files that give
+    a tokenizer which cannot encode plain text, is a one-line ConfigError (transformers would return an
+    empty tokenizer that encodes every text to nothing)."""
     source = resolve_model_path(name)
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{name} has no tokenizer files (tokenizer.json, tokenizer_config.json): copy them "
+                          f"from the model it was made from, e.g. `cp BASE/tokenizer* BASE/chat_template.jinja "
+                          f"{name}/`")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"model not found or not loadable: {name} ({str(exc).splitlines()[0]})") from None
+    probe = tokenizer("Hello world 42", add_special_tokens=False)["input_ids"]
+    if len(tokenizer) < 16 or not probe or all(t == tokenizer.unk_token_id for t in probe):
+        raise ConfigError(f"the tokenizer of {name} is unusable: {len(tokenizer)} tokens, and 'Hello world 42' "
+                          f"encodes to {probe[:8]} (incomplete tokenizer files?); copy the tokenizer files from "
+                          f"the model it was made from")
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.pad_token is None:
@@ -148,7 +153,7 @@ def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_
                           label2id={label: i for i, label in enumerate(labels)})
         if tokenizer is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
-        model = _from_pretrained(AutoModelForSequenceClassification, name, kwargs)
+        model = _load_classifier(name, kwargs)
         if task == "reward" and not _is_sequence_classifier(name):
             _init_reward_head(model)
     elif task == "embed":  # an encoder whose hidden states are pooled (stage embed)
@@ -167,6 +172,36 @@ def _from_pretrained(auto_class, name: str, kwargs: dict):
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise ConfigError(f"model not found or not loadable: {name} ({str(exc).splitlines()[0]})") from None
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' load report (raising its logger's level instead makes transformers 5 print its
+    tensor-parallel plan check)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_classifier(name: str, kwargs: dict):
+    """AutoModelForSequenceClassification without transformers' load report, a table that makes the expected
+    new task head look like an error; what it would list is said here in one line."""
+    report, drop = logging.getLogger("transformers.modeling_utils"), _NoLoadReport()
+    report.addFilter(drop)
+    try:
+        model, info = _from_pretrained(AutoModelForSequenceClassification, name,
+                                       {**kwargs, "output_loading_info": True})
+    finally:
+        report.removeFilter(drop)
+    missing = sorted(info.get("missing_keys") or [])
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    if head:
+        log.info("the task head (%s) is new: it starts from random weights and is trained in this stage",
+                 ", ".join(head))
+    others = [k for k in missing if k not in head] + [str(k) for k in info.get("mismatched_keys") or []]
+    if others:
+        log.warning("%s: %d weights were not in the checkpoint (or had another shape) and start from random "
+                    "values: %s", name, len(others), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
+    return model
 
 
 def _is_sequence_classifier(name: str) -> bool:
@@ -288,6 +323,69 @@ def generation_config_for(model, tokenizer) -> GenerationConfig:
     config.eos_token_id = list(dict.fromkeys(stops + [e for e in existing if e is not None]))
     config.pad_token_id = tokenizer.pad_token_id
     return config
+
+
+def check_adapter(model: nn.Module, adapter: str | Path, base: str) -> None:
+    """Before a LoRA adapter is put on `model` (serve --lora, chat / eval / generate --adapter, export): refuse
+    one whose weights do not fit the model's layers (another size or architecture: peft would fail with a
+    size-mismatch traceback, or leave layers it cannot find unadapted), and warn when it was trained on a
+    model of another name (the shapes fit, but its output is only meaningful on the model it was trained on)."""
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    weights = adapter / "adapter_model.safetensors"
+    problems = []
+    if weights.is_file():
+        modules, params = dict(model.named_modules()), dict(model.named_parameters())
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                problem = _misfit(key.removeprefix("base_model.model."), f.get_slice(key).get_shape(), modules,
+                                  params)
+                if problem:
+                    problems.append(problem)
+    origin = f" (it was trained on {trained_on})" if trained_on else ""
+    if problems:
+        more = f", and {len(problems) - 1} more weights" if len(problems) > 1 else ""
+        raise ConfigError(f"adapter {adapter} does not fit --model {base}{origin}: {problems[0]}{more}")
+    if trained_on and not _same_model(trained_on, base):
+        log.warning("adapter %s was trained on %s, not on %s: the shapes fit, but its output is only meaningful "
+                    "on the model it was trained on", adapter, trained_on, base)
+
+
+def _misfit(name: str, shape: list[int], modules: dict, params: dict) -> str | None:
+    """Why one adapter weight does not fit the model, or None. LoRA A is [r, in], B is [out, r]."""
+    for marker, axis in ((".lora_A.", 1), (".lora_B.", 0), (".lora_embedding_A", 1), (".lora_embedding_B", 0)):
+        if marker in name:
+            layer = name.split(marker)[0]
+            module = modules.get(layer)
+            if module is None:
+                return f"the model has no layer {layer}"
+            if isinstance(module, nn.Embedding):
+                sizes = (module.num_embeddings, module.embedding_dim)
+            elif hasattr(module, "in_features"):
+                sizes = (module.in_features, module.out_features)
+            else:  # GPT-2's Conv1D keeps its weight as [in, out]
+                sizes = tuple(module.weight.shape)
+            size = sizes[0] if axis == 1 else sizes[1]
+            if shape[axis] != size:
+                side = "input" if axis == 1 else "output"
+                return f"{layer} has {side} size {size} in the model, {shape[axis]} in the adapter"
+            return None
+    for candidate in (name, name.replace(".modules_to_save.", ".")):  # a trained head saved with the adapter
+        if candidate in params:
+            expected = list(params[candidate].shape)
+            if expected != list(shape):
+                return f"{candidate} is {expected} in the model, {list(shape)} in the adapter"
+            return None
+    return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def write_into(out_dir: Path, write) -> None:

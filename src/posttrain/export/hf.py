@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..modeling import load_tokenizer, resolve_model_path, save_pretrained, write_into
+from ..modeling import check_adapter, load_tokenizer, resolve_model_path, save_pretrained, write_into
 
 log = logging.getLogger("posttrain")
 
@@ -47,7 +47,6 @@ def load_merged(model: str, adapter: str | None = None, trust_remote_code: bool 
         if str(adapter_config.get("task_type", "")).endswith("SEQ_CLS"):
             raise ConfigError(f"{adapter} is a classification adapter: `posttrain train` already writes the merged "
                               f"classifier next to it (its parent directory)")
-        check_adapter_base(model, adapter, adapter_config)
         if (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = adapter
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
@@ -58,6 +57,7 @@ def load_merged(model: str, adapter: str | None = None, trust_remote_code: bool 
     if adapter is not None:
         from peft import PeftModel
 
+        check_adapter(network, adapter, model)  # the check serve, chat and eval make too
         try:
             network = PeftModel.from_pretrained(network, adapter).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch, missing target modules

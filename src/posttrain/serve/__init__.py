@@ -36,13 +36,15 @@ def parse_loras(values: list[str]) -> dict[str, str]:
 def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", chat_template: str | None = None,
                 quantize: str | None = None):
     from ..engine import Engine
-    from ..modeling import load_model, load_tokenizer
+    from ..modeling import check_adapter, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, chat_template=chat_template)
     network = load_model(model, tokenizer=tokenizer, dtype=DTYPES[dtype])
     if adapters:
         from peft import PeftModel
 
+        for path in adapters.values():
+            check_adapter(network, path, model)
         (first, first_dir), *rest = adapters.items()
         network = PeftModel.from_pretrained(network, first_dir, adapter_name=first)
         for name, path in rest:
