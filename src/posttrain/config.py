@@ -303,7 +303,11 @@ class Config(Section):
     output_dir: str = Field(description="Where the result lands: the model or adapter itself, with "
                                         "config.yaml, metrics.jsonl, summary.json, plots/ and checkpoints/.")
     resume: str | None = Field(None, description="`auto`: continue from the newest complete checkpoint in "
-                                                 "output_dir (start fresh if none); or a checkpoint path.")
+                                                 "output_dir (start fresh if none; a finished run is left as it "
+                                                 "is); or a checkpoint path.")
+    overwrite_output_dir: bool = Field(False, description="Allow a new run to replace what an earlier run left "
+                                                          "in output_dir (a finished model, or the checkpoints "
+                                                          "of an unfinished one); `posttrain train --overwrite`.")
     chat_template: str | None = Field(None, description="Jinja chat template (inline, or a path to a .jinja "
                                                         "file). It replaces the tokenizer's own template, if it has "
                                                         "one, for training and in the saved tokenizer.")
@@ -428,16 +432,28 @@ def build_config(raw: dict) -> Config:
         raise ConfigError("invalid config:\n  " + "\n  ".join(specific[:8])) from None
 
 
+def read_yaml(path: Path) -> Any:
+    """yaml.safe_load of a file; a syntax error is one line with the file, line and column."""
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "'\\t'" in problem or "\t" in line[:len(line) - len(line.lstrip())]:  # yaml shows a tab as '\t'
+            problem = "a tab, which YAML does not allow here: indent with spaces"
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
     raw: dict = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         raw.update(loaded)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import time
 from functools import partial
@@ -19,6 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from . import checkpoint as ckpt
+from . import output_dir
 from .config import Config, dump_config
 from .data.batching import collate, collate_packed, pack
 from .data.encode import encode_all
@@ -26,7 +29,7 @@ from .data.formats import load_examples, split_eval
 from .errors import ConfigError, DataError
 from .modeling import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_model, load_tokenizer,
                        save_pretrained, use_bf16, write_into)
-from .plots import plot_metrics
+from .plots import overfitting, plot_metrics
 from .stages import STAGES, Stage
 
 log = logging.getLogger("posttrain")
@@ -60,11 +63,23 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
     eval_features, eval_stats = encode(eval_examples) if eval_examples else ([], None)
     if not train_features:
         raise DataError("no training examples left after encoding")
+    check_trained_tokens(data.train, train_features, train_stats)
     return {"train": train_features, "eval": eval_features, "labels": labels,
             "report": {"train_load": train_report.summary(), "train_encode": train_stats.summary(),
                        "eval_load": eval_report.summary() if eval_report else None,
                        "eval_encode": eval_stats.summary() if eval_stats else None,
                        "train_examples": len(train_features), "eval_examples": len(eval_features)}}
+
+
+def check_trained_tokens(source, features: list[dict], stats) -> None:
+    """A run that would train on nothing is an error, never a success with eval_perplexity 1: no trained
+    token at all, or 90% or more of the sequences without one (a broken tokenizer, or masks that hide
+    every answer)."""
+    empty = sum(1 for f in features if "labels" in f and not any(label != -100 for label in f["labels"][1:]))
+    if getattr(stats, "trained_tokens", None) == 0 or empty >= 0.9 * len(features):
+        raise DataError(f"{source}: the training data gives almost nothing to train on ({stats.summary()}; "
+                        f"{empty} of {len(features)} sequences train no token): check the tokenizer (does it "
+                        f"encode text?) and data.train_on_prompt")
 
 
 def build_units(features: list[dict], config: Config, stage: Stage, pad_id: int, attn_implementation: str = "sdpa",
@@ -133,9 +148,39 @@ def clear_previous_run(out_dir: Path) -> None:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
+def machine_kind() -> str:
+    """What ran the training, for summary.json: results differ between machines (bf16 or fp32 above all)."""
+    from .modeling import fast_bf16
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"),
+                                          ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    bf16 = "fast bf16" if fast_bf16() else "no fast bf16"
+    return ", ".join(filter(None, [f"cpu: {name.group(1).strip() if name else 'unknown'}", f"{cores} cores", isa,
+                                   bf16]))
+
+
 def run_training(config: Config) -> dict:
+    """Train in config.output_dir, holding its lock; a finished run with `resume: auto` is left as it is."""
     out_dir = Path(config.output_dir)
-    return _train(config, out_dir, ckpt.find_resume_checkpoint(config.resume, out_dir))
+    with output_dir.lock(out_dir):
+        finished = output_dir.finished_summary(out_dir)
+        if config.resume == "auto" and finished is not None and not config.overwrite_output_dir:
+            return {**finished, "already_finished": True}  # the CLI says so
+        resume = None if config.resume == "auto" and finished is not None else config.resume
+        resume_from = ckpt.find_resume_checkpoint(resume, out_dir)
+        if resume_from is None:
+            output_dir.check_previous_run(out_dir, config.overwrite_output_dir)
+        return _train(config, out_dir, resume_from)
 
 
 def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None):
@@ -197,10 +242,16 @@ def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(trainer.model)
         save_output(stage.unwrap(trained) if stage.unwrap else trained, tokenizer, config, stage, out_dir)
-        plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots")
+        chance = 1 / len(data["labels"]) if data["labels"] else 0.5 if stage.name in ("rm", "dpo", "kto") else None
+        plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots", chance=chance)
+        notes = [note for note in [overfitting(out_dir / "metrics.jsonl")] if note]
+        for note in notes:
+            log.warning("%s: %s", stage.name, note)
         summary = {"stage": stage.name, "model": config.model, "method": config.method,
                    "trainable_parameters": trainable, "total_parameters": total, **result,
                    "tokens_per_s": round(result["tokens_seen"] / max(result["runtime_s"], 1e-9), 1),
+                   "precision": "bf16 autocast (weights fp32)" if accelerator.mixed_precision == "bf16" else "fp32",
+                   "machine": machine_kind(), "notes": notes,
                    "data": data["report"], "plots": [p.name for p in plots],
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
