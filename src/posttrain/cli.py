@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,15 +14,37 @@ from .rag.commands import add_rag_arguments, add_rag_commands, rag_augmenter
 
 def _train(args) -> None:
     from .config import load_config
+    from .hub import resolve_model_path
 
-    config = load_config(args.config, args.overrides)  # config errors come before the slow imports below
+    config = load_config(args.config, args.overrides + (["overwrite_output_dir=true"] if args.overwrite else []))
+    resolve_model_path(config.model)  # config and model-path errors come before the slow imports below
     from .train import run_training
 
-    summary = run_training(config)
+    try:
+        summary = run_training(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_resume_hint(args, config)) from None
+    if summary.get("already_finished"):
+        print(f"{config.output_dir} already holds a finished run ({summary.get('steps')} steps, finished "
+              f"{summary.get('finished_at')}): nothing to do; add --overwrite to train it again")
+        return
     final = summary.get("final_eval") or {}
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
     print(f"done: {summary.get('steps')} steps -> {config.output_dir}"
           + (f" ({shown})" if shown else ""))
+
+
+def _resume_hint(args, config) -> str:
+    """Where an interrupted training stands and the command that continues it."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(config.output_dir) / "checkpoints")
+    if not found:
+        return (f"no checkpoint in {config.output_dir} yet (train.save_steps: {config.train.save_steps}), so a "
+                f"rerun starts from the beginning; set train.save_steps to be able to resume")
+    overrides = [o for o in args.overrides if not o.startswith("resume=")]
+    command = shlex.join(["posttrain", "train", args.config, *overrides, "resume=auto"])
+    return f"the last checkpoint is {found[-1]}; continue from it with: {command}"
 
 
 def _inspect(args) -> None:
@@ -60,7 +83,11 @@ def _generate(args) -> None:
 def _run(args) -> None:
     from .recipe import format_results, run_recipe
 
-    results = run_recipe(args.recipe, from_step=args.from_step, out=args.out)
+    try:
+        results = run_recipe(args.recipe, from_step=args.from_step, out=args.out)
+    except KeyboardInterrupt:
+        again = shlex.join(["posttrain", "run", args.recipe] + (["--out", args.out] if args.out else []))
+        raise KeyboardInterrupt(f"`{again}` continues after the last completed step") from None
     ran = sum(not r["skipped"] for r in results.values())
     print(f"{ran} of {len(results)} steps ran:\n{format_results(results)}")
 
@@ -117,7 +144,11 @@ def _export(args) -> None:
 def _demo(args) -> None:
     from .demo.run import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    try:
+        run_demo(Path(args.out), quick=args.quick)
+    except KeyboardInterrupt:
+        again = shlex.join(["posttrain", "demo", *(["--quick"] if args.quick else []), "--out", args.out])
+        raise KeyboardInterrupt(f"`{again}` continues after the last completed step") from None
 
 
 def _config_reference(args) -> None:
@@ -148,14 +179,55 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_pairs)
 
 
+class _Help(argparse.HelpFormatter):
+    """--help lists each option's default; unlike argparse's ArgumentDefaultsHelpFormatter, not 'None'."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        return bool(action.option_strings) and action.default is not None and action.default is not False \
+            and action.default is not argparse.SUPPRESS
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if self._shows_default(action) and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+    def _format_action(self, action) -> str:
+        if action.help is None and self._shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse leaves out the help of an option without one
+        return super()._format_action(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"posttrain {__version__} (torch {installed('torch')}, transformers "
+            f"{installed('transformers')}, peft {installed('peft')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
+                                     formatter_class=_Help)
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = _with_help(sub.add_parser)
 
     p = sub.add_parser("train", help="run the stage named by `stage:` in a YAML config")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=6")
+    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="optional overrides of config keys by dotted name, e.g. train.max_steps=6")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier run left in output_dir (a finished model, or checkpoints)")
     p.set_defaults(func=_train)
 
     _add_data_commands(sub)
@@ -240,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
                                      "default: the demo's task checker")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
-    add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
+    add_rag_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
@@ -274,15 +346,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_help(add_parser):
+    """Every sub-command (and its own sub-commands) gets the formatter that shows defaults."""
+    def add(*args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        parser = add_parser(*args, **kwargs)
+        original = parser.add_subparsers
+
+        def add_subparsers(**options):
+            group = original(**options)
+            group.add_parser = _with_help(group.add_parser)
+            return group
+
+        parser.add_subparsers = add_subparsers
+        return parser
+    return add
+
+
+# third-party log lines that tell a user nothing (said in our words where it matters: modeling.py states a
+# new task head once; the rest is torchao failing to load GPU kernels on a CPU machine, and torch's
+# deprecation notes about torchao's enums)
+QUIET = {"httpx": logging.WARNING, "urllib3": logging.WARNING, "datasets": logging.WARNING,
+         "transformers": logging.WARNING, "accelerate": logging.WARNING, "peft": logging.WARNING,
+         "filelock": logging.WARNING, "huggingface_hub": logging.ERROR, "torchao": logging.ERROR,
+         "torch.utils._pytree": logging.ERROR}
+
+
+MODEL_COMMANDS = ("score", "generate", "serve", "chat", "eval", "export")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="posttrain: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "transformers", "accelerate", "peft", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy, level in QUIET.items():
+        logging.getLogger(noisy).setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it too, when it is imported
     try:
+        if args.command in MODEL_COMMANDS:  # a missing directory fails before torch and transformers load
+            from .hub import resolve_model_path
+
+            resolve_model_path(args.model)
         args.func(args)
     except PosttrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -290,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain data inspect f | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # on a line of its own: a progress bar may have been drawn without a newline
+        print(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", file=sys.stderr)
         return 130
     return 0
 
