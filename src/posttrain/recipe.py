@@ -13,18 +13,23 @@
         model: ${sft.output}          # an earlier step's output (a directory or a file)
         prompts: ${vars.data}/sft_eval.jsonl
 
+    report: mymodule:write_report     # optional: called as write_report(out, results, minutes, vars) at the end
+
 A step is skipped when its lineage.json (written last, after the step finished) records the same resolved
 config, the same content hashes of every file or directory the config names (earlier outputs included) and
 an output that is still there unchanged. So an edit reruns that step and, through the content of its
 output, every step that reads it. `from_step` forces a rerun from that step on. Relative paths are relative
 to the working directory, as for `posttrain train`. The whole recipe (kinds, keys, references, every train
-config) is validated before the first step runs.
+config) is validated before the first step runs. While it runs, each step's line says where the recipe
+stands: "step 5 of 16: sft", the time elapsed and an estimate of the time left (from each step's last
+recorded runtime, else the mean of the steps run so far).
 """
 from __future__ import annotations
 
 import copy
 import difflib
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -35,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
@@ -44,7 +48,7 @@ log = logging.getLogger("posttrain")
 
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 LINEAGE = "lineage.json"
-TOP_LEVEL = ("out", "vars", "steps")
+TOP_LEVEL = ("out", "vars", "steps", "report")
 NOT_HASHED = {LINEAGE, "checkpoints"}  # training checkpoints are a means, not part of the result
 
 
@@ -126,7 +130,8 @@ def _run_train(cfg: dict, out: Path) -> dict:
     from .config import build_config
     from .train import run_training
 
-    return run_training(build_config(cfg))
+    # the recipe owns the step's directory: a step that reruns replaces its earlier output
+    return run_training(build_config({**cfg, "overwrite_output_dir": True}))
 
 
 def _run_generate(cfg: dict, out: Path) -> dict:
@@ -298,13 +303,12 @@ def _suggest(word: str, choices, what: str) -> str:
 def _load(recipe: str | Path | dict) -> tuple[dict, str]:
     if isinstance(recipe, dict):
         return copy.deepcopy(recipe), "recipe"
+    from .config import read_yaml
+
     path = Path(recipe)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with 'steps' (and optionally 'out', 'vars')")
     return raw, path.stem
@@ -337,14 +341,14 @@ def _merge(base: dict, extra: dict) -> dict:
 def _train_config(name: str, body: dict, out: Path) -> dict:
     """A train step's config: the file (if any), inline keys merged in, then overrides; output_dir defaults
     to the step's directory (an output_dir in the config file is replaced: the recipe owns the layout)."""
-    from .config import apply_overrides, build_config
+    from .config import apply_overrides, build_config, read_yaml
 
     raw: dict = {}
     if "config" in body:
         path = Path(str(body.pop("config")))
         if not path.is_file():
             raise ConfigError(f"step {name!r}: config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"step {name!r}: {path}: the top level must be a mapping of keys")
         raw.pop("output_dir", None)
@@ -361,7 +365,9 @@ def _train_config(name: str, body: dict, out: Path) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"step {name!r}: " + "; ".join(line.strip() for line in str(exc).splitlines()
                                                          if line.strip() != "invalid config:")) from None
-    return config.model_dump(mode="json")
+    dumped = config.model_dump(mode="json")
+    dumped.pop("overwrite_output_dir")  # always on in a recipe (see _run_train), so not part of the hash
+    return dumped
 
 
 def _keys_config(name: str, kind: str, body: dict) -> dict:
@@ -552,26 +558,98 @@ def run_recipe(recipe: str | Path | dict, from_step: str | None = None, out: str
     from . import __version__
 
     steps = resolve(recipe, out)
+    raw, default_name = _load(recipe)
+    report = _report_function(raw.get("report"))
     names = [s.name for s in steps]
     if from_step is not None and from_step not in names:
         raise ConfigError(f"--from: no step {from_step!r}{_suggest(from_step, names, 'steps')}")
     forced = set(names[names.index(from_step):]) if from_step else set()
     hasher, results, lineages = Hasher(), {}, {}
+    progress = Progress(steps, forced)
     for step in steps:
         inputs = _inputs(step, hasher)
         lineage = None if step.name in forced else _unchanged(step, inputs, hasher)
         skipped = lineage is not None
         if skipped:
-            log.info("== %s (%s): unchanged, skipped -> %s", step.name, step.kind, step.output)
+            log.info("== %s: unchanged, skipped -> %s", progress.line(step), step.output)
         else:
-            log.info("== %s (%s): running -> %s", step.name, step.kind, step.output)
+            log.info("== %s: running -> %s", progress.line(step), step.output)
             lineage = _run_step(step, inputs, hasher, lineages, __version__)
+        progress.done(step, ran=not skipped)
         lineages[step.name] = lineage
         results[step.name] = {"kind": step.kind, "output": str(step.output), "skipped": skipped,
                               "result": lineage.get("result"), "lineage": str(step.dir / LINEAGE)}
     ran = [n for n, r in results.items() if not r["skipped"]]
-    log.info("recipe done: %d steps ran (%s), %d skipped", len(ran), ", ".join(ran) or "none", len(steps) - len(ran))
+    log.info("recipe done in %s: %d steps ran (%s), %d skipped", _minutes(progress.elapsed()), len(ran),
+             ", ".join(ran) or "none", len(steps) - len(ran))
+    if report is not None:
+        root = Path(str(out or raw.get("out") or Path("runs") / default_name))
+        report(root, results, progress.elapsed() / 60, raw.get("vars") or {})
     return results
+
+
+def _report_function(spec: str | None) -> Callable | None:
+    """The recipe's `report: module:function`, imported before any step runs."""
+    if spec is None:
+        return None
+    module_name, _, name = str(spec).partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name, None) if name else None
+    except ImportError as exc:
+        raise ConfigError(f"recipe: report {spec!r}: cannot import {module_name!r} ({exc})") from None
+    if not callable(function):
+        raise ConfigError(f"recipe: report {spec!r}: expected 'module:function' naming a function")
+    return function
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """Where a recipe run stands: "step 5 of 16: sft (train), 3.2 min elapsed, about 6.0 min left". A step
+    still to come is expected to take what its last run took (lineage.json's runtime_s); a step that never
+    ran before, the mean of this run's steps of its kind (or of all its steps), and the estimate is marked
+    rough; one that will probably be skipped (complete, not forced, nothing before it rerun) counts as 0."""
+
+    def __init__(self, steps: list[Step], forced: set[str]):
+        self.steps, self.forced, self.started = steps, forced, time.time()
+        self.history = {s.name: (read_lineage(s.dir) or {}).get("runtime_s") for s in steps}
+        self.runtimes: dict[str, list[float]] = {}  # kind -> seconds of each step of that kind run so far
+        self.step_started = self.started
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def line(self, step: Step) -> str:
+        self.step_started = time.time()
+        index = self.steps.index(step) + 1
+        text = f"step {index} of {len(self.steps)}: {step.name} ({step.kind}), {_minutes(self.elapsed())} elapsed"
+        left, rough = self.left(step)
+        if left is None:
+            return text
+        return text + f", about {_minutes(left)} left" + (" (rough: some steps never ran before)" if rough else "")
+
+    def left(self, current: Step) -> tuple[float | None, bool]:
+        """Expected seconds from the start of `current` to the end of the recipe (None: no idea yet), and
+        whether the estimate is rough."""
+        measured = [s for times in self.runtimes.values() for s in times]
+        total, rough = 0.0, False
+        for step in self.steps[self.steps.index(current):]:
+            if self.history[step.name] is not None and step.name not in self.forced and not measured:
+                continue  # probably skipped
+            if self.history[step.name] is not None:
+                total += self.history[step.name]
+                continue
+            same_kind = self.runtimes.get(step.kind) or measured
+            if not same_kind:
+                return None, True
+            total, rough = total + sum(same_kind) / len(same_kind), True
+        return total, rough
+
+    def done(self, step: Step, ran: bool) -> None:
+        if ran:
+            self.runtimes.setdefault(step.kind, []).append(time.time() - self.step_started)
 
 
 def _run_step(step: Step, inputs: dict, hasher: Hasher, lineages: dict, version: str) -> dict:

@@ -4,13 +4,14 @@ Writes generated data to OUT/data, then runs the shipped recipe (demo/recipe.yam
 sizes as its vars) through the recipe runner: init-model -> pt -> sft -> candidates -> rankings -> pairs ->
 rm -> dpo -> ppo -> grpo -> an eval of every model on held-out prompts. OUT/report.md says what each stage
 measurably did; OUT/recipe.yaml reruns the same pipeline (`posttrain run OUT/recipe.yaml`), skipping what
-is unchanged.
+is unchanged, and rewrites the report (its `report:` hook is `recipe_report`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shlex
 import time
 from importlib import resources
 from pathlib import Path
@@ -35,8 +36,9 @@ def demo_recipe(out: Path, quick: bool) -> dict:
     """The shipped recipe with OUT/data and the run's sizes filled into its vars."""
     recipe = yaml.safe_load(resources.files("posttrain.demo").joinpath("recipe.yaml").read_text())
     settings = QUICK if quick else FULL
-    recipe["vars"] = {**recipe["vars"], **settings["vars"], "data": str(out / "data")}
+    recipe["vars"] = {**recipe["vars"], **settings["vars"], "data": str(out / "data"), "quick": quick}
     recipe["out"] = str(out)
+    recipe["report"] = "posttrain.demo.run:recipe_report"  # `posttrain run OUT/recipe.yaml` rewrites report.md
     return recipe
 
 
@@ -47,15 +49,20 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     recipe = demo_recipe(out, quick)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     log.info("== demo: running %s (%s)", out / "recipe.yaml", "quick" if quick else "full")
-    results = run_recipe(recipe)
+    results = run_recipe(recipe)  # ends with recipe_report: report.md and demo_result.json
     minutes = (time.time() - started) / 60
-    report = write_report(out, results, minutes, quick)
+    report = _read(out / "demo_result.json")
     print("\n" + format_results(results))
     print(f"\n{report['summary']}\nReport: {out / 'report.md'} ({minutes:.1f} min)")
     return report
 
 
 # ------------------------------------------------------------------------------------------------ report
+
+def recipe_report(out: Path, results: dict, minutes: float, variables: dict) -> dict:
+    """The recipe's `report:` hook, called by the runner after the last step."""
+    return write_report(out, results, minutes, bool(variables.get("quick")))
+
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -164,14 +171,48 @@ def _stage_table(out: Path, sft: dict, rm_eval: dict, dpo_eval: dict, rl: dict) 
     return lines
 
 
+PLOTS = ("loss", "reward", "score", "kl", "eval_accuracy", "eval_margin",
+         "explained_variance", "value_loss", "clip_fraction")  # the last three diagnose PPO's critic and steps
+
+
 def _plot_links(out: Path) -> list[str]:
     lines = ["## Plots", ""]
     for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
-        plots = sorted((out / stage / "plots").glob("*.png")) if (out / stage / "plots").is_dir() else []
-        wanted = [p for p in plots if p.stem in ("loss", "reward", "score", "kl", "eval_accuracy", "eval_margin")]
+        plots = {p.stem: p for p in (out / stage / "plots").glob("*.png")} if (out / stage / "plots").is_dir() else {}
+        wanted = [plots[name] for name in PLOTS if name in plots]
         if wanted:
             lines.append(f"- {stage}: " + ", ".join(f"[{p.stem}]({p.relative_to(out)})" for p in wanted))
-    return lines
+    lines += ["", "For PPO: explained variance near 1 means the critic predicts the returns (near 0 or below: its "
+              "advantages are noise); clip fraction is the share of tokens whose update was clipped."]
+    notes = [f"- {stage}: {note}" for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo")
+             for note in _read(out / stage / "summary.json").get("notes") or []]
+    return lines + (["", "Seen in the curves:", "", *notes] if notes else [])
+
+
+def _eval_command(out: Path, model: str) -> str:
+    """The `posttrain eval` command that measured `model`'s row, from its step's lineage.json (so it holds
+    the checker, the sample count and every other setting the recipe used)."""
+    from ..recipe import EvalStep
+
+    config = _read(out / f"eval_{model}" / "lineage.json").get("config") or {}
+    parts = ["posttrain", "eval"]
+    for key, value in config.items():
+        field = EvalStep.model_fields.get(key)
+        if value is None or (field is not None and not field.is_required() and value == field.default):
+            continue
+        parts += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
+def _machine(out: Path) -> str:
+    """The precision and machine every training stage ran with (from their summary.json)."""
+    seen = {(s.get("precision"), s.get("machine")) for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo")
+            if (s := _read(out / stage / "summary.json")) and s.get("precision")}
+    if not seen:
+        return ""
+    kinds = "; ".join(f"{precision} on {machine}" for precision, machine in sorted(seen))
+    return (f"Training ran in {kinds}. Numbers differ between machines that train in bf16 (fast bf16: AMX or "
+            f"AVX512-BF16 CPUs, most GPUs) and fp32 machines; compare runs of the same kind.")
 
 
 def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
@@ -192,7 +233,7 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
              "pretrained on generated text, fine-tuned on generated instructions, and then improved by each "
              "preference and RL method from the SFT model. No held-out prompt appears in any training file; the "
              "small fact sets they draw on (30 words, one-digit numbers, 25 names) do, in other phrasings and "
-             "combinations.", "",
+             "combinations.", "", *([_machine(out), ""] if _machine(out) else []),
              *(["**A --quick run** is a smoke test of the whole pipeline on a tiny model with a few steps per "
                 "stage: its numbers show that every stage runs, not what the methods can do. Run the full "
                 "demo (`posttrain demo`) for that.", ""] if quick else []),
@@ -200,7 +241,7 @@ def write_report(out: Path, results: dict, minutes: float, quick: bool) -> dict:
              "", "## Use the result", "", "Every model directory loads with `AutoModelForCausalLM.from_pretrained`.",
              "", "```bash", f"posttrain chat --model {out / best}",
              f"posttrain serve --model {out / best} --port 8000   # OpenAI-compatible: /v1/chat/completions",
-             f"posttrain eval --model {out / best} --tasks {out / 'data' / 'tasks_eval.jsonl'} --reference {out / 'sft'}",
+             f"{_eval_command(out, best)}   # reproduces the {best} row above",
              f"posttrain run {out / 'recipe.yaml'} --from ppo   # rerun from a step; unchanged steps are skipped",
              "```", "", "Each step's resolved config, inputs and parents are in its `lineage.json`."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
