@@ -134,13 +134,19 @@ def plot_metrics(metrics_file: Path, out_dir: Path, chance: float | None = None)
         if len(steps) < 1:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        _curve(ax, steps, values)
-        if "accuracy" in key:
-            ax.set_ylim(0, 1.05)
-            if chance is not None:
-                ax.axhline(chance, linestyle="--", color="gray", label=f"chance ({chance:.0%})")
-        else:
-            _limits(ax, values, 0.1 if len(values) < FEW else 0.02)
-        ax.set_ylabel(key)
+        draw(ax, key, steps, values, chance)
         save(fig, ax, key.replace("/", "_"))
     return written
+
+
+def draw(ax, key: str, steps: list, values: list[float], chance: float | None = None) -> None:
+    """One metric's curve on `ax`: accuracy on a 0-1 axis with the chance level, anything else on an axis
+    at least 2% (10% for a few points) of its values tall."""
+    _curve(ax, steps, values)
+    if "accuracy" in key:
+        ax.set_ylim(0, 1.05)
+        if chance is not None:
+            ax.axhline(chance, linestyle="--", color="gray", label=f"chance ({chance:.0%})")
+    else:
+        _limits(ax, values, 0.1 if len(values) < FEW else 0.02)
+    ax.set_ylabel(key)
