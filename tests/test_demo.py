@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +16,9 @@ def test_quick_demo_runs_the_pipeline_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", out, timeout=900)
     assert "Report:" in result.stdout
+    # overall progress: which step of how many, time elapsed (and, once something was timed, time left)
+    assert f"step 1 of {len(STEPS)}: init (init-model), 0 s elapsed" in result.stderr
+    assert f"step {len(STEPS)} of {len(STEPS)}: eval_grpo (eval)" in result.stderr and " left" in result.stderr
     for step in STEPS:  # every step completed (lineage.json is written last)
         assert (out / step / "lineage.json").is_file(), step
     for stage in ("pt", "sft", "rm", "dpo", "ppo", "grpo"):
@@ -52,6 +56,21 @@ def test_quick_demo_runs_the_pipeline_and_writes_the_report(tmp_path):
     assert f"({demo['changes']['grpo']['score'][0]:+.3f} ± {demo['changes']['grpo']['score'][1]:.3f})" in report
     assert AutoModelForCausalLM.from_pretrained(out / "grpo") is not None
 
-    # the written recipe reruns: nothing changed, so every step is skipped
-    rerun = run_cli("run", out / "recipe.yaml", timeout=300)
-    assert f"0 of {len(STEPS)} steps ran" in rerun.stdout
+    # the report says how the stages were trained, and its eval command reproduces the best model's row
+    summary = json.loads((out / "sft" / "summary.json").read_text())
+    assert f"Training ran in {summary['precision']} on {summary['machine']}." in report
+    command = next(line for line in report.splitlines() if line.startswith("posttrain eval "))
+    args = shlex.split(command.split("   #")[0])
+    assert "--checker" in args and "--samples" in args
+    run_cli(*args[1:], "--out", tmp_path / "again.json", timeout=300)
+    again = json.loads((tmp_path / "again.json").read_text())
+    measured = json.loads((out / f"eval_{demo['best']}" / "eval.json").read_text())
+    for key in ("task_accuracy", "task_reward", "sampled_reward", "perplexity", "rm_score"):
+        assert again[key] == measured[key], key
+
+    # the written recipe reruns from a step, skipping every unchanged one before it, and rewrites the report
+    (out / "report.md").unlink()
+    rerun = run_cli("run", out / "recipe.yaml", "--from", "eval_grpo", timeout=300)
+    assert f"1 of {len(STEPS)} steps ran" in rerun.stdout
+    rewritten = (out / "report.md").read_text().splitlines()
+    assert rewritten[1:] == report.splitlines()[1:]  # all but the title's timing: the same measurements

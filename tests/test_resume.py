@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,9 @@ def test_resume_refuses_a_different_batch_plan(tiny_model, tmp_path):
     body = base_config(tiny_model, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2},
                        resume="auto")
     run_training(build_config(body))
+    for item in (tmp_path / "out").iterdir():  # back to a run that died after its step-2 checkpoint
+        if item.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            item.unlink() if item.is_file() else shutil.rmtree(item)
     changed = base_config(tiny_model, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2,
                                                                      "batch_size": 2}, resume="auto")
     try:

@@ -208,7 +208,7 @@ def test_new_run_into_a_used_output_dir_leaves_nothing_stale(tiny_model, tmp_pat
     run_training(build_config(base_config(tiny_model, data, out, adapter={"type": "lora", "r": 4},
                                           train={"max_steps": 2})))
     assert (out / "adapter_config.json").is_file()
-    run_training(build_config(base_config(tiny_model, data, out, train={"max_steps": 2})))
+    run_training(build_config(base_config(tiny_model, data, out, train={"max_steps": 2}, overwrite_output_dir=True)))
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     saved = weights(out)
