@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import run_cli, write_jsonl
+from conftest import write_jsonl
 from posttrain.data.encode import encode_all
 from posttrain.data.examples import Conversation, Preference, Text
 from posttrain.data.formats import load_examples
@@ -101,8 +101,7 @@ def test_video_and_audio_columns_are_refused_too(tmp_path, column):
     path = write_jsonl(tmp_path / "m.jsonl", [row])
     with pytest.raises(DataError, match=rf"m.jsonl:1: field '{column}': multimodal data is not supported yet"):
         load_examples(str(path), kind="conversation")
-    out = run_cli("data", "inspect", path).stdout
-    assert f"field '{column}': multimodal data is not supported yet" in out
+    assert f"field '{column}': multimodal data is not supported yet" in inspect_data(str(path))
 
 
 def test_multimodal_preference_rows_are_refused(tmp_path):
