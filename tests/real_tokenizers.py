@@ -12,7 +12,7 @@ why, only when the registry cannot be reached; a download that does not match it
 
 What each one is (checked with transformers 5):
   qwen3        Qwen3: <think> blocks (kept only after the last user message), <tool_call> JSON; EOS <|im_end|>
-  llama3       Llama-3.0 as first published: adds the assistant header even without add_generation_prompt;
+  llama3       a Llama-3 template that adds the assistant header even without add_generation_prompt;
                no tool calls; no pad token
   llama3_1     Llama-3 style template with add_generation_prompt; no tool calls; no pad token
   gemma3       Gemma-3: user/model turns that must alternate, <end_of_turn>; no system or tool role
