@@ -31,6 +31,7 @@ QUANTS = ("f16", "bf16", "q8_0", "q4_0")
 
 
 def _gguf():
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it opens at INFO
     try:
         import gguf
     except ImportError:
