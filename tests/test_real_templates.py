@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from conftest import run_cli, write_jsonl
 from posttrain.config import Config
 from posttrain.data.encode import SkippableError, encode_all, encode_conversation
-from posttrain.data.examples import Conversation
+from posttrain.data.examples import Conversation, Preference
+from posttrain.data.pairs import encode_preferences
 from posttrain.data.inspect import inspect_data
 from posttrain.errors import DataError
 from posttrain.modeling import load_tokenizer
@@ -149,6 +150,22 @@ def test_template_without_tool_calls_warns_once_with_counts(real, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "tool calls of 2 assistant turns" in warnings[0], warnings
     assert "tool calls of 2 assistant turns" in stats.summary()
+
+
+def test_preference_responses_with_tool_calls(real, caplog):
+    """rm/dpo/kto responses: DeepSeek-V3 writes the call, a template without tool calls is counted and warned."""
+    pair = Preference([{"role": "user", "content": "What is the weather in Paris?"}],
+                      [{"role": "assistant", "content": "", "tool_calls": [CALL]}],
+                      [{"role": "assistant", "content": "I do not know."}], source="pairs.jsonl:1")
+    for name, left_out in (("deepseek_v3", {}), ("qwen3", {}), ("llama3_1", {"tool calls": 1})):
+        tokenizer = real(name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="posttrain"):
+            [feature], stats = encode_preferences([pair], tokenizer, max_length=4096)
+        assert stats.left_out == left_out, name
+        assert ("get_weather" in tokenizer.decode(feature["chosen_ids"])) == (not left_out), name
+        assert [r.getMessage() for r in caplog.records if "tool calls of 1 assistant turn" in r.getMessage()] \
+            == ([] if not left_out else [stats.warnings()[0]]), name
 
 
 def test_data_inspect_shows_what_the_template_leaves_out(real_tiny_model, tmp_path):

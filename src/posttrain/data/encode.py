@@ -157,7 +157,7 @@ def _parts(message: dict) -> tuple[str, str, list[str]]:
     return _squash(reasoning), _squash(answer), [name for name in names if isinstance(name, str) and name]
 
 
-def _left_out(message: dict, final: str, kept: str) -> tuple[str, ...]:
+def missing_parts(message: dict, final: str, kept: str) -> tuple[str, ...]:
     """The parts of `message` missing from `kept` (its text in the whole chat); `final` is its text as the
     final turn, which tells reasoning dropped from earlier turns from reasoning that is never rendered."""
     reasoning, answer, names = _parts(message)
@@ -225,11 +225,11 @@ def _find_turn(tokenizer, conv: Conversation, i: int, full: str, stops) -> Turn 
     message, alone = conv.messages[i], _alone(tokenizer, conv, i, stops)
     if alone is not None and full.startswith(alone[0]):
         prefix, upto, text = alone
-        start, rendered = len(prefix), set(_left_out(message, text, text))
+        start, rendered = len(prefix), set(missing_parts(message, text, text))
         for k in range(len(text)):  # k = 0: the whole text; k > 0: the template left out its first k characters
             if not full.startswith(text[k:], start):
                 continue
-            missing = _left_out(message, text, text[k:])
+            missing = missing_parts(message, text, text[k:])
             # only a beginning without the message's content or calls (reasoning, an empty <think>) may be missing
             if not {"content", "tool calls"} & set(missing) - rendered:
                 return Turn(i, (start, start + len(text) - k), missing, (upto, (start, start + len(text))))
@@ -237,7 +237,7 @@ def _find_turn(tokenizer, conv: Conversation, i: int, full: str, stops) -> Turn 
     if span is None or span[1] <= span[0]:
         return None
     final = alone[2] if alone else full[span[0]:span[1]]
-    return Turn(i, span, _left_out(message, final, full[span[0]:span[1]]),
+    return Turn(i, span, missing_parts(message, final, full[span[0]:span[1]]),
                 (alone[1], (len(alone[0]), len(alone[0]) + len(alone[2]))) if alone else None)
 
 

@@ -261,8 +261,16 @@ def _token_report(examples: list, tokenizer, stage: str, max_length: int, found:
 def _pair_token_report(examples: list, tokenizer, max_length: int, found: Findings) -> list[str]:
     """rm/dpo/kto: prompt and response lengths, untruncated, and what pairs.py's truncation rule would cut at
     --max-length (the prompt keeps its last max_length // 2 tokens, each response its first tokens)."""
-    encode = encode_feedbacks if isinstance(examples[0], Feedback) else encode_preferences
-    done = _encoded(examples, lambda batch: encode(batch, tokenizer, max_length=UNLIMITED)[0], found)
+    encode_some = encode_feedbacks if isinstance(examples[0], Feedback) else encode_preferences
+    left_out = EncodeStats()  # what the chat template leaves out of the responses, over all examples
+
+    def encode(batch):
+        features, stats = encode_some(batch, tokenizer, max_length=UNLIMITED, warn=False)
+        left_out.left_out.update(stats.left_out)
+        return features
+
+    done = _encoded(examples, encode, found)
+    found.warnings += left_out.warnings()
     names = ["prompt"] + [name.split()[0] for name, _ in _responses(examples[0])]
     lengths = [[len(feature[f"{name}_ids"]) for name in names] for _, feature in done]
     if not lengths:

@@ -11,13 +11,18 @@ Every truncated example is counted in the stats.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Iterable
 
 import torch
 
 from ..errors import DataError
-from .encode import IGNORE, EncodeStats, SkippableError, _render, assistant_spans, check_chat_template
+from .encode import (IGNORE, EncodeStats, SkippableError, _render, assistant_spans, check_chat_template,
+                     missing_parts)
 from .examples import Conversation, Feedback, Message, Preference
+
+log = logging.getLogger("posttrain")
 
 
 def _response_text(tokenizer, prompt: list[Message], prompt_text: str, response: list[Message], source) -> str:
@@ -40,8 +45,9 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], source: str, max_length: int,
-            max_prompt_length: int | None) -> tuple[list[int], list[list[int]], bool]:
-    """(prompt ids, ids of each response, truncated) under the module's truncation rule."""
+            max_prompt_length: int | None, counts: Counter | None = None) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt ids, ids of each response, truncated) under the module's truncation rule. `counts` (if given)
+    receives the parts of response turns the template leaves out (as encode.encode_conversation)."""
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
@@ -53,6 +59,10 @@ def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], so
     except Exception as exc:  # noqa: BLE001 - template errors (raise_exception(...)) are per example
         raise SkippableError(f"the chat template cannot render this example: {exc}", source, "prompt",
                              "chat template error") from None
+    for response, text in zip(responses, texts):
+        for message in response if counts is not None else []:
+            if message["role"] == "assistant":
+                counts.update(missing_parts(message, text, text))
     prompt_ids, response_ids = _ids(tokenizer, prompt_text), [_ids(tokenizer, t) for t in texts]
     truncated = len(prompt_ids) + max(map(len, response_ids)) > max_length
     if truncated:
@@ -61,18 +71,20 @@ def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], so
     return prompt_ids, response_ids, truncated
 
 
-def encode_preference(tokenizer, ex: Preference, max_length: int, max_prompt_length: int | None = None) -> dict:
+def encode_preference(tokenizer, ex: Preference, max_length: int, max_prompt_length: int | None = None,
+                      counts: Counter | None = None) -> dict:
     """{"prompt_ids", "chosen_ids", "rejected_ids", "margin", "truncated"}; see the module's truncation rule."""
     prompt_ids, (chosen, rejected), truncated = _encode(tokenizer, ex.prompt, [ex.chosen, ex.rejected],
-                                                        ex.source, max_length, max_prompt_length)
+                                                        ex.source, max_length, max_prompt_length, counts)
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin,
             "truncated": truncated}
 
 
-def encode_feedback(tokenizer, ex: Feedback, max_length: int, max_prompt_length: int | None = None) -> dict:
+def encode_feedback(tokenizer, ex: Feedback, max_length: int, max_prompt_length: int | None = None,
+                    counts: Counter | None = None) -> dict:
     """{"prompt_ids", "completion_ids", "desirable", "truncated"}; the same truncation rule as pairs."""
     prompt_ids, (completion,), truncated = _encode(tokenizer, ex.prompt, [ex.completion], ex.source,
-                                                   max_length, max_prompt_length)
+                                                   max_length, max_prompt_length, counts)
     return {"prompt_ids": prompt_ids, "completion_ids": completion, "desirable": ex.desirable,
             "truncated": truncated}
 
@@ -84,37 +96,43 @@ PairStats = EncodeStats
 
 
 def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length, max_prompt_length,
-                skip_invalid) -> tuple[list[dict], PairStats]:
+                skip_invalid, warn) -> tuple[list[dict], PairStats]:
     check_chat_template(tokenizer)  # a config problem, never skipped example by example
     features, stats = [], PairStats()
     for ex in examples:
         if not isinstance(ex, expected):
             raise DataError(f"expected {expected.__name__} examples, got {type(ex).__name__}",
                             getattr(ex, "source", None))
-        feature = stats.attempt(lambda: encode(tokenizer, ex, max_length, max_prompt_length), skip_invalid)
+        counts = Counter()
+        feature = stats.attempt(lambda: encode(tokenizer, ex, max_length, max_prompt_length, counts), skip_invalid)
         if feature is None:
             continue
+        stats.left_out.update(counts)
         stats.examples += 1
         stats.truncated += feature["truncated"]
         stats.lengths += [len(feature["prompt_ids"]) + len(feature[key]) for key in response_keys]
         stats.trained_tokens += sum(len(feature[key]) for key in response_keys)
         features.append(feature)
+    for line in stats.warnings() if warn else []:
+        log.warning(line)
     return features, stats
 
 
 def encode_preferences(examples: Iterable[Preference], tokenizer, *, max_length: int,
-                       max_prompt_length: int | None = None,
-                       skip_invalid: bool = False) -> tuple[list[dict], PairStats]:
-    """Encode pairs for rm/dpo; per-example problems raise, or with skip_invalid are counted by reason."""
+                       max_prompt_length: int | None = None, skip_invalid: bool = False,
+                       warn: bool = True) -> tuple[list[dict], PairStats]:
+    """Encode pairs for rm/dpo; per-example problems raise, or with skip_invalid are counted by reason. What
+    the chat template leaves out of the responses is counted and, with `warn`, logged once."""
     return _encode_all(examples, encode_preference, Preference, ("chosen_ids", "rejected_ids"), tokenizer,
-                       max_length, max_prompt_length, skip_invalid)
+                       max_length, max_prompt_length, skip_invalid, warn)
 
 
 def encode_feedbacks(examples: Iterable[Feedback], tokenizer, *, max_length: int,
-                     max_prompt_length: int | None = None, skip_invalid: bool = False) -> tuple[list[dict], PairStats]:
+                     max_prompt_length: int | None = None, skip_invalid: bool = False,
+                     warn: bool = True) -> tuple[list[dict], PairStats]:
     """Encode labelled completions for kto, like encode_preferences."""
     return _encode_all(examples, encode_feedback, Feedback, ("completion_ids",), tokenizer, max_length,
-                       max_prompt_length, skip_invalid)
+                       max_prompt_length, skip_invalid, warn)
 
 
 # --------------------------------------------------------------------------- collation
