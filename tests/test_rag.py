@@ -412,3 +412,13 @@ def test_pairs_from_your_own_questions(index, questions_file, tmp_path, capsys):
     assert sum("negative" in row for row in rows) >= len(rows) - 3
     code, _, err = cli(capsys, "rag", "pairs", index[0], "--out", out)
     assert code == 2 and "either --model" in err
+
+
+def test_bad_jsonl_rows_are_named_and_counted(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "rows.jsonl").write_text('{"id": "a", "text": "The terrace opens in May."}\n'
+                                                  'not json\n{"id": "c", "title": "no text"}\n')
+    code, out, _ = cli(capsys, "rag", "index", tmp_path / "docs", "--out", tmp_path / "idx.db")
+    assert code == 0 and "1 chunks written, 1 in the index" in out
+    assert "skipped 2 bad row(s)" in out
+    assert "rows.jsonl:2: not valid JSON" in out and "rows.jsonl:3: field 'text' is missing" in out

@@ -6,6 +6,7 @@ returns question rows `{question, answer, source}`: the answer string occurs in 
 `source` is the file holding it. Names, prices, hours and the promotion are drawn from `seed`, so a model cannot
 know them without reading the documents. `write_promotion` replaces today's promotion (the case RAG exists for:
 knowledge that changes after training) and returns its questions.
+`python -m posttrain.rag.sample OUT --seed N` writes OUT/docs/ and OUT/questions.jsonl.
 """
 from __future__ import annotations
 
@@ -121,3 +122,20 @@ def write_restaurant_corpus(folder: str | Path, seed: int = 0) -> list[dict]:
     questions.append({"question": f"What allergens does the {dishes[0]} contain?",
                       "answer": lines[1].split(" contains ")[1].rstrip("."), "source": "allergens.pdf"})
     return questions
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m posttrain.rag.sample OUT [--seed N]`: OUT/docs/ and OUT/questions.jsonl."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m posttrain.rag.sample", description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    questions = write_restaurant_corpus(Path(args.out) / "docs", args.seed)
+    Path(args.out, "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    print(f"wrote {args.out}/docs (6 files) and {len(questions)} questions to {args.out}/questions.jsonl")
+
+
+if __name__ == "__main__":
+    main()
