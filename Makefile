@@ -29,6 +29,7 @@ bench: install
 	$(PY) benchmarks/rm.py
 	$(PY) benchmarks/grpo.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/rag.py
 
 docs: install
 	$(VENV)/bin/posttrain config-reference --out docs/config.md
