@@ -226,3 +226,94 @@ def test_bad_input_is_one_line_and_writes_nothing(models, make_model, tmp_path):
     stderr = fails("export", "--model", models["gpt2"], "--adapter", llama_adapter, "--format", "gguf",
                    "--out", out, out=out)
     assert "does not match --model" in stderr or "does not fit --model" in stderr
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A SentencePiece-style BPE tokenizer (Llama-2 / Mistral kind: '▁' for spaces, <0xNN> byte fallback,
+    BOS added), trained here on the test corpus and wrapped in transformers' LlamaTokenizer."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaTokenizer
+
+    from posttrain.init_model import CHAT_TEMPLATE
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                                 show_progress=False))
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>",
+                               eos_token="</s>", add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_model(config, tokenizer, out):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.25)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_sentencepiece_tokenizer_and_untied_head_round_trip(sentencepiece_tokenizer, tmp_path):
+    """GGUF tokenizer model `llama` (tokens with scores, byte tokens): the reader's tokenizer encodes text,
+    bytes outside the vocabulary and chats like the source; an untied LM head is written as `output`."""
+    from transformers import LlamaConfig
+
+    tokenizer = sentencepiece_tokenizer
+    source_dir = random_model(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=128, vocab_size=len(tokenizer),
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          tie_word_embeddings=False), tokenizer, tmp_path / "spm")
+    out = tmp_path / "spm.gguf"
+    export(source_dir, out, "f16")
+    gguf_model, gguf_tokenizer = read_back(out)
+    source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    assert not gguf_model.config.tie_word_embeddings
+    for text in ["Hello 128 soup", " two  spaces\nnew line é ü \u6f22\u5b57"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and gguf_tokenizer(text)["input_ids"] == ids
+    for chat in CHATS:
+        ids = chat_ids(tokenizer, chat)
+        assert chat_ids(gguf_tokenizer, chat) == ids
+        assert greedy(gguf_model, ids) == greedy(source, ids)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma2", "gemma3"])
+def test_other_architectures_round_trip(sentencepiece_tokenizer, tmp_path, arch):
+    """Weights and hyper-parameters of Mistral, Qwen3 (q/k norms), Gemma 2 and 3 (norms stored as 1 + w,
+    post-norms, head_dim apart from hidden/heads): the reader's model gives the source's logits and greedy
+    tokens. (Qwen3 uses head_dim 128 here: transformers' reader does not read Qwen3's key_length back.)"""
+    from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen3Config
+
+    tokenizer = sentencepiece_tokenizer
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    config = {"mistral": lambda: MistralConfig(**common, sliding_window=None),
+              "qwen3": lambda: Qwen3Config(**{**common, "hidden_size": 256, "num_attention_heads": 2,
+                                              "num_key_value_heads": 1}, head_dim=128),
+              "gemma2": lambda: Gemma2Config(**common, head_dim=32),
+              "gemma3": lambda: Gemma3TextConfig(**common, head_dim=32)}[arch]()
+    # (not a directory named just "mistral": transformers' reader then looks for a GGUF architecture "mistral",
+    # which GGUF does not have; Mistral is GGUF's llama)
+    source_dir = random_model(config, tokenizer, tmp_path / f"{arch}-model")
+    out = tmp_path / f"{arch}.gguf"
+    export(source_dir, out, "f16")
+    gguf_model, _ = read_back(out)
+    source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    ids = [tokenizer.bos_token_id, 5, 40, 300, 17, 99, 250, 3, 8]
+    with torch.no_grad():
+        torch.testing.assert_close(gguf_model(torch.tensor([ids])).logits, source(torch.tensor([ids])).logits,
+                                   atol=2e-2, rtol=1e-2)
+    assert greedy(gguf_model, ids) == greedy(source, ids)

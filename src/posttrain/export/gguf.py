@@ -342,8 +342,6 @@ def write_gguf(model, tokenizer, out: str | Path, quant: str = "f16", name: str 
     n_vocab = model.get_input_embeddings().weight.shape[0]
     file_types = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
     name = name or Path(getattr(model.config, "_name_or_path", "") or out.stem).name or out.stem
-    if model.config.model_type == "mistral" and "mistral" not in name.lower():
-        name = f"{name}-mistral"  # readers tell a Mistral from a Llama file (same graph) by its name
     temp = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(str(temp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
     try:
