@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--checker", help="'module:function' or 'file.py:function' (answer, completion) -> score; "
-                                     "default: the demo's task checker")
+                                     "default: exact match of the answer (first line, 'Answer:' and edge "
+                                     "punctuation ignored)")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     add_rag_arguments(p)

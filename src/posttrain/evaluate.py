@@ -39,7 +39,7 @@ from .data.pairs import encode_feedback, encode_preference
 from .data.sources import read_rows
 from .engine import Completion, Engine, SamplingParams
 from .errors import ConfigError
-from .generate import _prompt_ids, read_prompts
+from .generate import prompt_token_ids, read_prompts
 from .forward import sequence_logps
 from .stages.lm import lm_evaluate
 
@@ -107,7 +107,7 @@ def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | Non
     its neighbours), returned in file order. `rag` (a rag.prompt.Augmenter, `eval --rag INDEX`): each prompt's
     last user turn retrieves first and is answered in the serving template."""
     rows = read_prompts(path)[:n_samples]
-    token_prompts = [_prompt_ids(engine, rag(messages)[0] if rag else messages) for _, messages in rows]
+    token_prompts = [prompt_token_ids(engine, rag(messages)[0] if rag else messages) for _, messages in rows]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     order = sorted(range(len(rows)), key=lambda i: len(token_prompts[i]))
     completions: list[Completion | None] = [None] * len(rows)
@@ -139,17 +139,14 @@ def _sampled(engine: Engine, rows, token_prompts, checker, samples: int, tempera
 
 
 def _checker(spec: str | Callable | None) -> Callable[[str, str], float]:
-    """(answer, completion) -> score in [0, 1]: the demo's task checker unless a callable or
-    'module:function' / 'file.py:function' is given."""
+    """(answer, completion) -> score in [0, 1]: an exact match of the normalised answer (rl.rewards.exact_answer:
+    first line, "Answer:" prefix and edge punctuation dropped) unless a callable or 'module:function' /
+    'file.py:function' is given."""
+    from .rl.rewards import exact_answer, load_callable
+
     if spec is None:
-        from .demo.tasks import check
-
-        return check
-    if callable(spec):
-        return spec
-    from .rl.rewards import load_callable
-
-    return load_callable(spec)
+        return exact_answer
+    return spec if callable(spec) else load_callable(spec)
 
 
 def _task_metrics(rows, completions: list[Completion], checker) -> tuple[dict, list[float | None] | None]:

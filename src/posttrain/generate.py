@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .data.chats import _Fields
+from .data.chats import RowFields
 from .data.examples import Message
-from .data.preference import _prompt_value
+from .data.preference import prompt_value
 from .data.sources import Row, read_rows
 from .engine import Engine, SamplingParams
 from .errors import ConfigError, DataError
@@ -32,11 +32,11 @@ def read_prompts(path: str) -> list[tuple[Row, list[Message]]]:
     prompts = []
     for row in rows:
         key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
-        prompts.append((row, _prompt_value(_Fields(row, "ranking", None), key, None)))
+        prompts.append((row, prompt_value(RowFields(row, "ranking", None), key, None)))
     return prompts
 
 
-def _prompt_ids(engine: Engine, messages: list[Message]) -> list[int]:
+def prompt_token_ids(engine: Engine, messages: list[Message]) -> list[int]:
     """The chat template when the tokenizer has one; else a lone user string as plain text."""
     if getattr(engine.tokenizer, "chat_template", None) or len(messages) != 1:
         return engine.chat_prompt(messages)
@@ -58,7 +58,7 @@ def generate_file(model: str, prompts_path: str, out: str, params: SamplingParam
         raise ConfigError("--batch-size must be at least 1")
     prompts = read_prompts(prompts_path)
     engine = Engine.load(model, adapter, dtype=torch.float32, chat_template=chat_template)
-    token_prompts = [_prompt_ids(engine, messages) for _, messages in prompts]
+    token_prompts = [prompt_token_ids(engine, messages) for _, messages in prompts]
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")

@@ -1,6 +1,6 @@
 """Conversation rows (alpaca, sharegpt, messages, prompt_completion) normalised into Conversations.
 
-`_Fields` is a row seen through the user's column renames; every problem is a DataError naming the row's
+`RowFields` is a row seen through the user's column renames; every problem is a DataError naming the row's
 location and the offending field as the file spells it. formats.py picks the format and calls these.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ _ALIASES = {"alpaca": {"prompt": "instruction", "query": "input", "response": "o
             "preference": {"chosen_messages": "chosen", "rejected_messages": "rejected"}}  # LLaMA-Factory v1
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
                   "function": "tool"}  # OpenAI's older name for a tool result
 ALPACA_JOIN = "\n"  # instruction + input, joined as LLaMA-Factory does ("instruction\ninput")
 MEDIA_PARTS = ("image", "video", "audio")  # content part types starting so: image_url, input_audio, ...
 
 
-class _Fields:
+class RowFields:
     """A row seen through the user's column renames; errors name the file's own column."""
 
     def __init__(self, row: Row, fmt: str, columns: dict | None):
@@ -54,32 +54,32 @@ class _Fields:
     def string(self, key: str, required: bool = True) -> str | None:
         value = self.require(key) if required else self.get(key)
         if value is not None and not isinstance(value, str):
-            raise self.error(f"must be a string, got {_type(value)}", self.name(key))
+            raise self.error(f"must be a string, got {type_name(value)}", self.name(key))
         return value
 
 
-def _type(value) -> str:
+def type_name(value) -> str:
     return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number",
             str: "a string"}.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------- messages, tool calls, tools
 
-def _turns(f: _Fields, key: str, role_key: str, content_key: str, roles: dict) -> list[Message]:
+def parse_turns(f: RowFields, key: str, role_key: str, content_key: str, roles: dict) -> list[Message]:
     turns, name = f.require(key), f.name(key)
     if not isinstance(turns, list):
-        raise f.error(f"must be a list of messages, got {_type(turns)}", name)
-    return [_turn(f, turn, f"{name}[{i}]", role_key, content_key, roles) for i, turn in enumerate(turns)]
+        raise f.error(f"must be a list of messages, got {type_name(turns)}", name)
+    return [parse_turn(f, turn, f"{name}[{i}]", role_key, content_key, roles) for i, turn in enumerate(turns)]
 
 
-def _turn(f: _Fields, turn, where: str, role_key: str, content_key: str, roles: dict) -> Message:
+def parse_turn(f: RowFields, turn, where: str, role_key: str, content_key: str, roles: dict) -> Message:
     """One message; a turn in the other common style ("role"/"content" or "from"/"value") is accepted."""
     if not isinstance(turn, dict):
-        raise f.error(f"must be a message object, got {_type(turn)}", where)
+        raise f.error(f"must be a message object, got {type_name(turn)}", where)
     if role_key not in turn and "role" in turn:
-        role_key, content_key, roles = "role", "content", _MESSAGE_ROLES
+        role_key, content_key, roles = "role", "content", MESSAGE_ROLES
     elif role_key not in turn and "from" in turn:
-        role_key, content_key, roles = "from", "value", _sharegpt_roles(SHAREGPT_TAGS)
+        role_key, content_key, roles = "from", "value", sharegpt_roles(SHAREGPT_TAGS)
     tag = turn.get(role_key)
     if tag is None:
         raise f.error("required field is missing", f"{where}.{role_key}")
@@ -105,7 +105,7 @@ def _turn(f: _Fields, turn, where: str, role_key: str, content_key: str, roles: 
     return message
 
 
-def _loss_weight(f: _Fields, turn: dict, role: str, where: str) -> None:
+def _loss_weight(f: RowFields, turn: dict, role: str, where: str) -> None:
     """LLaMA-Factory v1's per-message loss_weight: read when it is what we do anyway (1 for assistant turns,
     0 for the others); any other value is an error rather than silently ignored."""
     if "loss_weight" not in turn:
@@ -116,12 +116,12 @@ def _loss_weight(f: _Fields, turn: dict, role: str, where: str) -> None:
                       f"got {turn['loss_weight']!r} on a {role} turn", f"{where}.loss_weight")
 
 
-def _sharegpt_roles(tags: dict) -> dict:
+def sharegpt_roles(tags: dict) -> dict:
     return {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
             tags["function_tag"]: "function_call", tags["system_tag"]: "system"}
 
 
-def _content(f: _Fields, raw, where: str, role: str) -> tuple[str, list[dict]]:
+def _content(f: RowFields, raw, where: str, role: str) -> tuple[str, list[dict]]:
     """(text, tool calls) of a content value: a string, or a list of parts. Parts: text as OpenAI writes it
     ({"type": "text", "text": ...}) or LLaMA-Factory v1 ({"type": "text", "value": ...}), and v1's assistant
     "reasoning" (written as a leading <think> block, as reasoning models' templates read it) and "tool_call"
@@ -131,7 +131,7 @@ def _content(f: _Fields, raw, where: str, role: str) -> tuple[str, list[dict]]:
     if raw is None:
         raise f.error("required field is missing", where)
     if not isinstance(raw, list):
-        raise f.error(f"must be a string or a list of text parts, got {_type(raw)}", where)
+        raise f.error(f"must be a string or a list of text parts, got {type_name(raw)}", where)
     texts, reasoning, calls = [], [], []
     for j, part in enumerate(raw):
         at = f"{where}[{j}]"
@@ -139,7 +139,7 @@ def _content(f: _Fields, raw, where: str, role: str) -> tuple[str, list[dict]]:
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise f.error(f"must be a string or a content part object, got {_type(part)}", at)
+            raise f.error(f"must be a string or a content part object, got {type_name(part)}", at)
         kind = part.get("type", "text")
         if isinstance(kind, str) and kind.startswith(MEDIA_PARTS):
             raise f.error(f"multimodal data is not supported yet ({kind!r} part): posttrain trains on text only",
@@ -162,7 +162,7 @@ def _content(f: _Fields, raw, where: str, role: str) -> tuple[str, list[dict]]:
     return (f"<think>\n{''.join(reasoning)}\n</think>\n\n{text}" if reasoning else text), calls
 
 
-def _function_call(f: _Fields, raw, where: str) -> list[dict]:
+def _function_call(f: RowFields, raw, where: str) -> list[dict]:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -171,7 +171,7 @@ def _function_call(f: _Fields, raw, where: str) -> list[dict]:
     return _tool_calls(f, raw, where)
 
 
-def _tool_calls(f: _Fields, calls, where: str) -> list[dict]:
+def _tool_calls(f: RowFields, calls, where: str) -> list[dict]:
     """OpenAI tool calls, or bare {"name", "arguments"} objects, as [{"type": "function", "function": ...}]."""
     result = []
     for i, call in enumerate(calls if isinstance(calls, list) else [calls]):
@@ -192,7 +192,7 @@ def _tool_calls(f: _Fields, calls, where: str) -> list[dict]:
     return result
 
 
-def _tools(f: _Fields) -> list[dict] | None:
+def _tools(f: RowFields) -> list[dict] | None:
     """Tool definitions (a JSON string or a list), each as {"type": "function", "function": ...}."""
     raw, name = f.get("tools"), f.name("tools")
     if isinstance(raw, str):
@@ -207,18 +207,18 @@ def _tools(f: _Fields) -> list[dict] | None:
     tools = raw if isinstance(raw, list) else [raw]
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
-            raise f.error(f"must be a tool definition object, got {_type(tool)}", f"{name}[{i}]")
+            raise f.error(f"must be a tool definition object, got {type_name(tool)}", f"{name}[{i}]")
     return [tool if "function" in tool else {"type": "function", "function": tool} for tool in tools]
 
 
-def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+def with_system(messages: list[Message], system: str | None) -> list[Message]:
     """A system prompt from a column (or the default) unless the conversation starts with one."""
     if system and not (messages and messages[0]["role"] == "system"):
         return [{"role": "system", "content": system}] + messages
     return messages
 
 
-def _check(f: _Fields, messages: list[Message], where: str) -> list[Message]:
+def _check(f: RowFields, messages: list[Message], where: str) -> list[Message]:
     if not messages:
         raise f.error("the conversation is empty", where)
     first = next((m for m in messages if m["role"] != "system"), None)
@@ -231,10 +231,10 @@ def _check(f: _Fields, messages: list[Message], where: str) -> list[Message]:
 
 # ---------------------------------------------------------------- the formats
 
-def _alpaca(f: _Fields, system: str | None) -> Conversation:
+def alpaca_conversation(f: RowFields, system: str | None) -> Conversation:
     history, name = f.get("history") or [], f.name("history")
     if not isinstance(history, list):
-        raise f.error(f"must be a list of [user, assistant] pairs, got {_type(history)}", name)
+        raise f.error(f"must be a list of [user, assistant] pairs, got {type_name(history)}", name)
     messages: list[Message] = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
@@ -248,31 +248,31 @@ def _alpaca(f: _Fields, system: str | None) -> Conversation:
     if not output.strip():
         raise f.error("is empty (no assistant answer)", f.name("output"))
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    messages = _with_system(messages, f.string("system", required=False) or system)
+    messages = with_system(messages, f.string("system", required=False) or system)
     return Conversation(messages, tools=_tools(f))
 
 
-def _sharegpt(f: _Fields, tags: dict | None, system: str | None) -> Conversation:
+def sharegpt_conversation(f: RowFields, tags: dict | None, system: str | None) -> Conversation:
     tags = {**SHAREGPT_TAGS, **(tags or {})}
-    messages = _turns(f, "conversations", tags["role_tag"], tags["content_tag"], _sharegpt_roles(tags))
-    messages = _with_system(messages, f.string("system", required=False) or system)
+    messages = parse_turns(f, "conversations", tags["role_tag"], tags["content_tag"], sharegpt_roles(tags))
+    messages = with_system(messages, f.string("system", required=False) or system)
     return Conversation(_check(f, messages, f.name("conversations")), tools=_tools(f))
 
 
-def _messages(f: _Fields, system: str | None) -> Conversation:
-    messages = _with_system(_turns(f, "messages", "role", "content", _MESSAGE_ROLES), system)
+def messages_conversation(f: RowFields, system: str | None) -> Conversation:
+    messages = with_system(parse_turns(f, "messages", "role", "content", MESSAGE_ROLES), system)
     return Conversation(_check(f, messages, f.name("messages")), tools=_tools(f))
 
 
-def _prompt_completion(f: _Fields, system: str | None) -> Conversation:
+def prompt_completion_conversation(f: RowFields, system: str | None) -> Conversation:
     parts = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = f.get(key)
         if isinstance(value, list):
-            parts.append(_turns(f, key, "role", "content", _MESSAGE_ROLES))
+            parts.append(parse_turns(f, key, "role", "content", MESSAGE_ROLES))
         elif not f.string(key).strip():
             raise f.error("is empty", f.name(key))
         else:
             parts.append([{"role": role, "content": value}])
-    messages = _with_system(parts[0] + parts[1], system)
+    messages = with_system(parts[0] + parts[1], system)
     return Conversation(_check(f, messages, f.name("completion")), tools=_tools(f))

@@ -118,7 +118,7 @@ def _apply(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> s
     return rendered[0]
 
 
-def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> str:
     """The chat as the tokenizer's template writes it, tool-call turns in the form the template expects."""
     check_chat_template(tokenizer)
     return _apply(tokenizer, _for_template(messages, template_facts(tokenizer)), tools, generation_prompt)
@@ -127,7 +127,7 @@ def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> 
 def _try_render(tokenizer, messages, tools, generation_prompt) -> str | None:
     """Some templates cannot render a partial chat (e.g. one that starts with an assistant turn)."""
     try:
-        return _render(tokenizer, messages, tools, generation_prompt)
+        return render_chat(tokenizer, messages, tools, generation_prompt)
     except Exception:  # noqa: BLE001 - any template failure just means "use the fallback"
         return None
 
@@ -246,7 +246,7 @@ def render_turns(tokenizer, conv: Conversation) -> tuple[str, list[Turn]]:
     template refuses, or a turn that cannot be found, is a SkippableError naming the row."""
     check_chat_template(tokenizer)
     try:
-        full = _render(tokenizer, conv.messages, conv.tools, generation_prompt=False)
+        full = render_chat(tokenizer, conv.messages, conv.tools, generation_prompt=False)
     except Exception as exc:  # noqa: BLE001 - raise_exception('...'), or a type error inside the template
         raise SkippableError(f"the chat template cannot render this conversation: {exc}", conv.source,
                              "messages", "chat template error") from None
@@ -385,12 +385,12 @@ class EncodeStats:
             parts.append(f"{sum(self.skipped.values())} skipped ({reasons})")
         if self.apart:
             their = "its" if self.apart == 1 else "their"
-            parts.append(f"{_turns(self.apart)} trained in {their} own sequence to keep {their} reasoning")
+            parts.append(f"{parse_turns(self.apart)} trained in {their} own sequence to keep {their} reasoning")
         return ", ".join(parts + [f"warning: {line}" for line in self.warnings()])
 
     def warnings(self) -> list[str]:
         """What the chat template left out of trained assistant turns, with counts."""
-        return [LEFT_OUT[part].format(turns=_turns(n)) for part, n in self.left_out.most_common()]
+        return [LEFT_OUT[part].format(turns=parse_turns(n)) for part, n in self.left_out.most_common()]
 
 
 LEFT_OUT = {
@@ -405,7 +405,7 @@ LEFT_OUT = {
 }
 
 
-def _turns(n: int) -> str:
+def parse_turns(n: int) -> str:
     return f"{n} assistant turn" + ("" if n == 1 else "s")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..config import DataSource
 from ..errors import DataError
 from . import preference
-from .chats import _Fields, _alpaca, _messages, _prompt_completion, _sharegpt, _type
+from .chats import RowFields, alpaca_conversation, messages_conversation, prompt_completion_conversation, sharegpt_conversation, type_name
 from .examples import Example, Labeled, Text
 from .sources import Plan, Row, read_dataset_info, read_rows, resolve_source
 
@@ -32,17 +32,17 @@ _NEEDS = {"text": "stage pt needs raw text (a 'text' column)",
 
 # ---------------------------------------------------------------- text and labels (conversations: chats.py)
 
-def _text(f: _Fields) -> str:
+def _text(f: RowFields) -> str:
     text = f.string("text")
     if not text.strip():
         raise f.error("is empty", f.name("text"))
     return text
 
 
-def _label(f: _Fields) -> str:
+def _label(f: RowFields) -> str:
     label, name = f.require("label"), f.name("label")
     if isinstance(label, bool) or not isinstance(label, (int, str)):
-        raise f.error(f"must be a string or an integer, got {_type(label)}", name)
+        raise f.error(f"must be a string or an integer, got {type_name(label)}", name)
     if not str(label).strip():
         raise f.error("is empty", name)
     return str(label).strip()
@@ -65,7 +65,7 @@ def check_text_only(row: Row, fmt: str, columns: dict | None) -> None:
     """Multimodal training does not exist yet: a row with images, videos or audios (LLaMA-Factory's mllm
     columns, also under another name through a dataset_info column mapping) stops here, rather than train its
     <image> placeholders as plain text. The one place to lift when multimodal data is supported."""
-    f = _Fields(row, fmt, columns)
+    f = RowFields(row, fmt, columns)
     for key in MEDIA_COLUMNS:
         value = f.get(key)
         if value:  # null or an empty list: a text-only row
@@ -83,19 +83,19 @@ def to_example(row: Row, fmt: str, *, kind: str, columns: dict | None = None, ta
     check_text_only(row, fmt, columns)
     if fmt in preference.FORMATS:  # Preference, Feedback, Ranking (IdenticalPair for chosen == rejected)
         return preference.to_example(row, fmt, columns, tags, system)
-    f = _Fields(row, fmt, columns)
+    f = RowFields(row, fmt, columns)
     if fmt == "text":
         example = Text(_text(f))
     elif fmt == "classification":
         example = Labeled(_text(f), _label(f))
     elif fmt == "alpaca":
-        example = _alpaca(f, system)
+        example = alpaca_conversation(f, system)
     elif fmt == "sharegpt":
-        example = _sharegpt(f, tags, system)
+        example = sharegpt_conversation(f, tags, system)
     elif fmt == "messages":
-        example = _messages(f, system)
+        example = messages_conversation(f, system)
     else:
-        example = _prompt_completion(f, system)
+        example = prompt_completion_conversation(f, system)
     example.source = row.location
     return example
 
@@ -160,7 +160,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _reason(error: DataError) -> str:
+def skip_reason(error: DataError) -> str:
     """The count key: the reason and the field with list indices dropped, so like errors add up."""
     if not error.field:
         return error.reason
@@ -168,7 +168,7 @@ def _reason(error: DataError) -> str:
     return f"field '{field_name}': {error.reason}"
 
 
-def _as_sources(sources) -> list[DataSource]:
+def as_sources(sources) -> list[DataSource]:
     items = sources if isinstance(sources, (list, tuple)) else [sources]
     return [item if isinstance(item, DataSource) else
             DataSource.model_validate(item) if isinstance(item, dict) else DataSource(path=str(item))
@@ -178,7 +178,7 @@ def _as_sources(sources) -> list[DataSource]:
 def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report: LoadReport) -> list[Example]:
     errors: list[DataError] | None = [] if skip_invalid else None
     rows = read_rows(plan.path, text_split=text_split, errors=errors, notes=report.notes)
-    report.skipped.update(_reason(error) for error in errors or [])
+    report.skipped.update(skip_reason(error) for error in errors or [])
     fmt = plan.format
     if fmt == "auto" and rows:
         fmt = detect_format(rows, plan.path, kind=kind, columns=plan.columns)
@@ -196,7 +196,7 @@ def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report
         except DataError as error:
             if not skip_invalid:
                 raise
-            report.skipped[_reason(error)] += 1
+            report.skipped[skip_reason(error)] += 1
     report.sources.append({"path": plan.path, "format": fmt, "rows": len(rows) + len(errors or []),
                            "used": len(examples)})
     return examples
@@ -210,7 +210,7 @@ def load_examples(sources, *, kind: str, dataset_info: str | None = None, skip_i
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
     info = read_dataset_info(dataset_info) if dataset_info else None
     report, examples = LoadReport(), []
-    specs = _as_sources(sources)
+    specs = as_sources(sources)
     for source in specs:
         plan = resolve_source(source, info, dataset_info, kind)
         examples += _load_one(plan, kind, skip_invalid, text_split, report)

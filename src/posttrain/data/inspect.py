@@ -16,10 +16,10 @@ from jinja2 import TemplateError
 from ..config import DataSource
 from ..errors import ConfigError, DataError
 from . import preference
-from .encode import IGNORE, EncodeStats, SkippableError, _render, encode_all, render_turns
+from .encode import IGNORE, EncodeStats, SkippableError, render_chat, encode_all, render_turns
 from .examples import Conversation, Feedback, Labeled, Preference, Ranking
-from .formats import _reason, check_kind, detect_format, to_example
-from .pairs import _response_text, encode_feedbacks, encode_preferences
+from .formats import skip_reason, check_kind, detect_format, to_example
+from .pairs import response_text, encode_feedbacks, encode_preferences
 from .sources import read_dataset_info, read_rows, resolve_source
 
 # as in posttrain.stages.STAGES; "rankings" is no training stage but the input of `posttrain data pairs`
@@ -48,7 +48,7 @@ class Findings:
         if isinstance(error, TemplateError):  # a template may refuse a chat (raise_exception)
             error = DataError(f"the chat template failed: {error}", location=example.source, field="messages")
         self.problems.append(error)
-        self.reasons[error.kind if isinstance(error, SkippableError) else _reason(error)] += 1
+        self.reasons[error.kind if isinstance(error, SkippableError) else skip_reason(error)] += 1
 
     def report(self) -> list[str]:
         """Problems by reason and the first few in file order, then the warnings."""
@@ -118,7 +118,7 @@ def _read_examples(file: str, stage: str | None, dataset_info: str | None,
     notes: list[str] = []
     rows = read_rows(plan.path, errors=found.problems, notes=notes)
     unreadable = len(found.problems)  # lines that are not even a record (bad JSON, wrong CSV field count)
-    found.reasons.update(_reason(error) for error in found.problems)
+    found.reasons.update(skip_reason(error) for error in found.problems)
     out = [f"file: {plan.path}" + (f" (dataset '{file}' in {dataset_info})" if plan.path != str(file) else "")]
     out += [f"read: {note}" for note in notes]
     fmt = plan.format
@@ -300,10 +300,10 @@ def _rendered(example, tokenizer) -> list[str]:
     head = f"example ({example.source}) rendered with the chat template; trained text in " \
            + ("green:" if sys.stdout.isatty() else "[[ ]]:")
     if isinstance(example, (Preference, Feedback)):  # the prompt once, then each response as trained after it
-        prompt = _render(tokenizer, example.prompt, None, generation_prompt=True)
+        prompt = render_chat(tokenizer, example.prompt, None, generation_prompt=True)
         lines = [head, "prompt:", _short(prompt, 4000)]
         for name, response in _responses(example):
-            text = _response_text(tokenizer, example.prompt, prompt, response, example.source)
+            text = response_text(tokenizer, example.prompt, prompt, response, example.source)
             lines += [f"{name}:", _short(_marked(text, [(0, len(text))]), 4000)]
         return lines
     if isinstance(example, Conversation):

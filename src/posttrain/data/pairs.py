@@ -18,17 +18,17 @@ from typing import Iterable
 import torch
 
 from ..errors import DataError
-from .encode import (IGNORE, EncodeStats, SkippableError, _render, assistant_spans, check_chat_template,
+from .encode import (IGNORE, EncodeStats, SkippableError, render_chat, assistant_spans, check_chat_template,
                      missing_parts)
 from .examples import Conversation, Feedback, Message, Preference
 
 log = logging.getLogger("posttrain")
 
 
-def _response_text(tokenizer, prompt: list[Message], prompt_text: str, response: list[Message], source) -> str:
+def response_text(tokenizer, prompt: list[Message], prompt_text: str, response: list[Message], source) -> str:
     """The text the template adds for `response` after the generation prompt: the assistant content plus
     the end-of-turn marker, without the whitespace between turns."""
-    full = _render(tokenizer, prompt + response, None, generation_prompt=False)
+    full = render_chat(tokenizer, prompt + response, None, generation_prompt=False)
     if full.startswith(prompt_text):
         return full[len(prompt_text):].rstrip()
     # Templates that render the prompt differently once an answer follows: locate the assistant turns.
@@ -52,8 +52,8 @@ def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], so
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
     try:
-        prompt_text = _render(tokenizer, prompt, None, generation_prompt=True)
-        texts = [_response_text(tokenizer, prompt, prompt_text, r, source) for r in responses]
+        prompt_text = render_chat(tokenizer, prompt, None, generation_prompt=True)
+        texts = [response_text(tokenizer, prompt, prompt_text, r, source) for r in responses]
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - template errors (raise_exception(...)) are per example

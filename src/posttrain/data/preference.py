@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 
 from ..errors import DataError
-from .chats import (ALPACA_JOIN, SHAREGPT_TAGS, _MESSAGE_ROLES, _Fields, _sharegpt_roles, _turn, _turns, _type,
-                    _with_system)
+from .chats import (ALPACA_JOIN, SHAREGPT_TAGS, MESSAGE_ROLES, RowFields, sharegpt_roles, parse_turn, parse_turns, type_name,
+                    with_system)
 from .examples import Feedback, Message, Preference, Ranking
 from .sources import Row
 
@@ -55,53 +55,53 @@ def guess(keys: set, kind: str) -> str | None:
 def to_example(row: Row, fmt: str, columns: dict | None, tags: dict | None, system: str | None):
     """Normalise one row of a preference-family format (see the module docstring)."""
     if fmt == "ranking":
-        example = _ranking(_Fields(row, fmt, columns), system)
+        example = _ranking(RowFields(row, fmt, columns), system)
     elif fmt == "feedback":
         example = _feedback(row, columns, tags, system)
     else:
         example = _preference(row, fmt, columns, tags, system)
         if example.chosen == example.rejected:
-            raise IdenticalPair(IDENTICAL, location=row.location, field=_Fields(row, fmt, columns).name("chosen"))
+            raise IdenticalPair(IDENTICAL, location=row.location, field=RowFields(row, fmt, columns).name("chosen"))
     example.source = row.location
     return example
 
 
 # ---------------------------------------------------------------- prompts and responses
 
-def _prompt_value(f: _Fields, key: str, system: str | None) -> list[Message]:
+def prompt_value(f: RowFields, key: str, system: str | None) -> list[Message]:
     """A prompt string (one user message) or message list, with the row's system prompt; it must not end
     with an assistant turn, since what the model answers is the response."""
     value, name = f.require(key), f.name(key)
     if isinstance(value, list):
-        messages = _turns(f, key, "role", "content", _MESSAGE_ROLES)
+        messages = parse_turns(f, key, "role", "content", MESSAGE_ROLES)
     elif isinstance(value, str) and value.strip():
         messages = [{"role": "user", "content": value}]
     else:
         raise f.error("is empty" if isinstance(value, str) else
-                      f"must be a string or a list of messages, got {_type(value)}", name)
-    messages = _with_system(messages, f.string("system", required=False) or system)
+                      f"must be a string or a list of messages, got {type_name(value)}", name)
+    messages = with_system(messages, f.string("system", required=False) or system)
     if not messages or messages[-1]["role"] in ("assistant", "system"):
         raise f.error("the prompt must end with a user (or tool) message", name)
     return messages
 
 
-def _response_value(f: _Fields, value, where: str, role_key="role", content_key="content",
-                    roles=_MESSAGE_ROLES) -> list[Message]:
+def _response_value(f: RowFields, value, where: str, role_key="role", content_key="content",
+                    roles=MESSAGE_ROLES) -> list[Message]:
     """A response: a string (one assistant message), one message object, or a list of messages."""
     if value is None:
         raise f.error("required field is missing", where)
     if isinstance(value, str):
         messages = [{"role": "assistant", "content": value}]
     elif isinstance(value, dict):
-        messages = [_turn(f, value, where, role_key, content_key, roles)]
+        messages = [parse_turn(f, value, where, role_key, content_key, roles)]
     elif isinstance(value, list):
-        messages = [_turn(f, m, f"{where}[{i}]", role_key, content_key, roles) for i, m in enumerate(value)]
+        messages = [parse_turn(f, m, f"{where}[{i}]", role_key, content_key, roles) for i, m in enumerate(value)]
     else:
-        raise f.error(f"must be a string, a message or a list of messages, got {_type(value)}", where)
+        raise f.error(f"must be a string, a message or a list of messages, got {type_name(value)}", where)
     return _check_response(f, messages, where)
 
 
-def _check_response(f: _Fields, messages: list[Message], where: str) -> list[Message]:
+def _check_response(f: RowFields, messages: list[Message], where: str) -> list[Message]:
     """Assistant turns (tool results may sit between them), starting and ending with the assistant."""
     if not messages or messages[0]["role"] != "assistant" or messages[-1]["role"] != "assistant" \
             or any(m["role"] not in ("assistant", "tool") for m in messages):
@@ -110,7 +110,7 @@ def _check_response(f: _Fields, messages: list[Message], where: str) -> list[Mes
     return messages
 
 
-def _margin(f: _Fields) -> float | None:
+def _margin(f: RowFields) -> float | None:
     value, name = f.get("margin"), f.name("margin")
     if value is None or value == "":
         return None
@@ -127,35 +127,35 @@ def _margin(f: _Fields) -> float | None:
 
 def _preference(row: Row, fmt: str, columns: dict | None, tags: dict | None, system: str | None) -> Preference:
     if fmt == "preference_sharegpt":
-        f = _Fields(row, "sharegpt", columns)
+        f = RowFields(row, "sharegpt", columns)
         tags = {**SHAREGPT_TAGS, **(tags or {})}
-        style = (tags["role_tag"], tags["content_tag"], _sharegpt_roles(tags))
-        prompt = _with_system(_turns(f, "conversations", *style), f.string("system", required=False) or system)
+        style = (tags["role_tag"], tags["content_tag"], sharegpt_roles(tags))
+        prompt = with_system(parse_turns(f, "conversations", *style), f.string("system", required=False) or system)
         if not prompt or prompt[-1]["role"] == "assistant":
             raise f.error("the conversation must end with the user turn that chosen/rejected answer",
                           f.name("conversations"))
         chosen, rejected = (_response_value(f, f.get(k), f.name(k), *style) for k in ("chosen", "rejected"))
     elif fmt == "preference_alpaca":
-        f = _Fields(row, "alpaca", columns)
+        f = RowFields(row, "alpaca", columns)
         query = ALPACA_JOIN.join(p for p in (f.string("instruction"), f.string("input", required=False)) if p)
         if not query.strip():
             raise f.error("is empty", f.name("instruction"))
-        prompt = _with_system([{"role": "user", "content": query}], f.string("system", required=False) or system)
+        prompt = with_system([{"role": "user", "content": query}], f.string("system", required=False) or system)
         chosen, rejected = (_response_value(f, f.get(k), f.name(k)) for k in ("chosen", "rejected"))
     else:
-        f = _Fields(row, fmt, columns)
+        f = RowFields(row, fmt, columns)
         if f.get("prompt") is None and isinstance(f.get("chosen"), list):
             prompt, chosen, rejected = _implicit(f, system)
         else:
-            prompt = _prompt_value(f, "prompt", system)
+            prompt = prompt_value(f, "prompt", system)
             chosen, rejected = (_response_value(f, f.get(k), f.name(k)) for k in ("chosen", "rejected"))
     return Preference(prompt, chosen, rejected, margin=_margin(f))
 
 
-def _implicit(f: _Fields, system: str | None) -> tuple[list[Message], list[Message], list[Message]]:
+def _implicit(f: RowFields, system: str | None) -> tuple[list[Message], list[Message], list[Message]]:
     """chosen/rejected as whole conversations: the prompt is their longest common message prefix, cut back
     to its last non-assistant message so that each response is the assistant turn(s) after it."""
-    chosen, rejected = (_with_system(_turns(f, k, "role", "content", _MESSAGE_ROLES), system)
+    chosen, rejected = (with_system(parse_turns(f, k, "role", "content", MESSAGE_ROLES), system)
                         for k in ("chosen", "rejected"))
     if chosen == rejected:
         return chosen, [], []  # reported as an identical pair by the caller
@@ -171,7 +171,7 @@ def _implicit(f: _Fields, system: str | None) -> tuple[list[Message], list[Messa
     return chosen[:common], responses[0], responses[1]
 
 
-def _label(f: _Fields) -> bool:
+def _label(f: RowFields) -> bool:
     key = "label" if f.get("label") is not None or f.get("kto_tag") is None else "kto_tag"
     value, name = f.require(key), f.name(key)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
@@ -186,20 +186,20 @@ def _feedback(row: Row, columns: dict | None, tags: dict | None, system: str | N
     split, or a conversation whose turns after the last user message are the completion."""
     keys = set(row.data) | set(columns or {})
     if "instruction" in row.data or keys & {"query", "response"}:  # LLaMA-Factory's alpaca column names
-        f = _Fields(row, "alpaca", columns)
+        f = RowFields(row, "alpaca", columns)
         query = ALPACA_JOIN.join(p for p in (f.string("instruction"), f.string("input", required=False)) if p)
-        prompt = _with_system([{"role": "user", "content": query}], f.string("system", required=False) or system)
+        prompt = with_system([{"role": "user", "content": query}], f.string("system", required=False) or system)
         return Feedback(prompt, _response_value(f, f.string("output"), f.name("output")), _label(f))
     if "prompt" in keys or "completion" in keys:
-        f = _Fields(row, "feedback", columns)
-        prompt = _prompt_value(f, "prompt", system)
+        f = RowFields(row, "feedback", columns)
+        prompt = prompt_value(f, "prompt", system)
         return Feedback(prompt, _response_value(f, f.get("completion"), f.name("completion")), _label(f))
     if "conversations" in keys or (columns or {}).get("messages") == "conversations":
-        f, key, tags = _Fields(row, "sharegpt", columns), "conversations", {**SHAREGPT_TAGS, **(tags or {})}
-        style = (tags["role_tag"], tags["content_tag"], _sharegpt_roles(tags))
+        f, key, tags = RowFields(row, "sharegpt", columns), "conversations", {**SHAREGPT_TAGS, **(tags or {})}
+        style = (tags["role_tag"], tags["content_tag"], sharegpt_roles(tags))
     else:
-        f, key, style = _Fields(row, "messages", columns), "messages", ("role", "content", _MESSAGE_ROLES)
-    messages = _with_system(_turns(f, key, *style), f.string("system", required=False) or system)
+        f, key, style = RowFields(row, "messages", columns), "messages", ("role", "content", MESSAGE_ROLES)
+    messages = with_system(parse_turns(f, key, *style), f.string("system", required=False) or system)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise f.error("the conversation has no user message", f.name(key))
@@ -207,11 +207,11 @@ def _feedback(row: Row, columns: dict | None, tags: dict | None, system: str | N
     return Feedback(messages[:users[-1] + 1], completion, _label(f))
 
 
-def _ranking(f: _Fields, system: str | None) -> Ranking:
-    prompt = _prompt_value(f, "prompt", system)
+def _ranking(f: RowFields, system: str | None) -> Ranking:
+    prompt = prompt_value(f, "prompt", system)
     values, name = f.require("responses"), f.name("responses")
     if not isinstance(values, list):
-        raise f.error(f"must be a list of responses, got {_type(values)}", name)
+        raise f.error(f"must be a list of responses, got {type_name(values)}", name)
     if len(values) < 2:
         raise f.error(f"a ranking needs at least 2 responses, got {len(values)}", name)
     responses = [_response_value(f, value, f"{name}[{i}]") for i, value in enumerate(values)]

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
-from .tasks import KINDS, OPS, WORDS, Seed, _draw, _task, make_tasks
+from .tasks import KINDS, OPS, WORDS, Seed, draw_distinct, make_task, make_tasks
 from .tasks import Task, check, normalize_answer  # noqa: F401  (re-exported: imported from here elsewhere)
 
 # ---------------------------------------------------------------------------------- restaurant
@@ -140,7 +140,7 @@ def _chat(rng: random.Random, task_rng: random.Random, multi_turn: bool = True) 
     multi = multi_turn and rng.random() < 0.25
     if rng.random() < TASK_SHARE:  # a task; answered with the answer alone
         for _ in range(2 if multi else 1):
-            t = _task(rng.choice(KINDS), task_rng)
+            t = make_task(rng.choice(KINDS), task_rng)
             turns.append((t.prompt, t.answer))
         messages = []
     else:
@@ -161,7 +161,7 @@ def make_sft_rows(n: int, seed: Seed = 0, *, exclude: Iterable[str] = (), unique
     """`n` OpenAI-style rows {"messages": [...]}: 70% tasks, 30% restaurant chats (with the system
     prompt); a quarter are multi-turn. Rows asking anything in `exclude` are skipped."""
     rng, task_rng = random.Random(f"{seed}:chat"), random.Random(f"{seed}:task")
-    return _draw(n, lambda: _chat(rng, task_rng, multi_turn), _questions, exclude, unique)
+    return draw_distinct(n, lambda: _chat(rng, task_rng, multi_turn), _questions, exclude, unique)
 
 
 def to_alpaca(row: dict) -> dict:
@@ -207,9 +207,9 @@ DOC_KINDS = {"examples": 8, "restaurant": 2, "math": 1, "words": 1, "sort": 1, "
 
 def _task_not_in(rng: random.Random, exclude: set[str]) -> Task:
     """A task of a random kind whose prompt is not in `exclude` (the held-out prompts)."""
-    t = _task(rng.choice(KINDS), rng)
+    t = make_task(rng.choice(KINDS), rng)
     while t.prompt in exclude:
-        t = _task(rng.choice(KINDS), rng)
+        t = make_task(rng.choice(KINDS), rng)
     return t
 
 
@@ -232,7 +232,7 @@ def _doc(rng: random.Random, exclude: set[str] = frozenset()) -> str:
     if kind == "math":
         out = []
         for _ in range(rng.randint(2, 4)):
-            t = _task("add", rng)
+            t = make_task("add", rng)
             a, op, b = re.search(r"(\d+) (\S) (\d+)", t.prompt).groups()
             sent = f"{number_words(int(a))} {OPS[op][0]} {number_words(int(b))} is {number_words(int(t.answer))}."
             out.append(f"{_cap(sent)} {a} {op} {b} = {t.answer}.")
@@ -242,11 +242,11 @@ def _doc(rng: random.Random, exclude: set[str] = frozenset()) -> str:
         return (f"The word {w} reversed is {w[::-1]}. In capital letters, {w} is {w.upper()}. "
                 f"The word {w} has {number_words(len(w))} letters.")
     if kind == "sort":
-        t = _task("sort", rng)
+        t = make_task("sort", rng)
         xs = t.prompt.split(": ")[1]
         return f"Here are some numbers: {xs}. Sorted from smallest to largest, they are {t.answer}."
     if kind == "lookup":
-        t = _task("lookup", rng)
+        t = make_task("lookup", rng)
         context, question = t.prompt.rsplit(" What is ", 1)
         return f"{context} So {question[:-1]} is {t.answer}."
     if kind == "story":
@@ -297,7 +297,7 @@ def make_classification_rows(n: int, seed: Seed = 0, *, exclude: Iterable[str] =
                              unique: bool = False) -> list[dict]:
     """`n` restaurant reviews {"text", "label"}, labels balanced over positive/negative/neutral."""
     rng, counter = random.Random(f"{seed}:classify"), iter(range(10**9))
-    return _draw(n, lambda: _review(rng, LABELS[next(counter) % 3]), lambda r: [r["text"]], exclude, unique)
+    return draw_distinct(n, lambda: _review(rng, LABELS[next(counter) % 3]), lambda r: [r["text"]], exclude, unique)
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+from ..rl.rewards import exact_answer, normalize_answer  # noqa: F401  (normalize_answer: re-exported)
 
 Seed = int | str
 
@@ -48,7 +49,7 @@ class Task:
     answer: str
 
 
-def _task(kind: str, rng: random.Random) -> Task:
+def make_task(kind: str, rng: random.Random) -> Task:
     if kind == "add":
         op = rng.choice(list(OPS))
         top = MUL_MAX if op == "*" else ADD_MAX
@@ -77,7 +78,7 @@ def _task(kind: str, rng: random.Random) -> Task:
     raise ValueError(f"unknown task kind '{kind}' (choose from {', '.join(KINDS)})")
 
 
-def _draw(n: int, make: Callable[[], object], keys: Callable[[object], Iterable[str]],
+def draw_distinct(n: int, make: Callable[[], object], keys: Callable[[object], Iterable[str]],
           exclude: Iterable[str] = (), unique: bool = False) -> list:
     """Draw `n` items from `make`, skipping any whose keys are in `exclude` (and repeats if `unique`)."""
     banned, out = set(exclude), []
@@ -104,26 +105,15 @@ def make_tasks(n: int, seed: Seed = 0, kinds: Iterable[str] | None = None, *, ex
         if k not in KINDS:
             raise ValueError(f"unknown task kind '{k}' (choose from {', '.join(KINDS)})")
     rng, counter = random.Random(seed), iter(range(10**9))
-    return _draw(n, lambda: _task(kinds[next(counter) % len(kinds)], rng), lambda t: [t.prompt], exclude, unique)
-
-
-_PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?answer\s*(is|:)\s*", re.IGNORECASE)
-_EDGE = " \t.,!?;:'\"`*"
-
-
-def normalize_answer(text: str) -> str:
-    """First non-empty line, without an "Answer:" / "The answer is" prefix, edge punctuation, commas
-    between items or repeated spaces. Case is kept: it is part of the value."""
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    s = _PREFIX.sub("", lines[0] if lines else "").strip(_EDGE)
-    return " ".join(s.replace(",", " ").split())
+    return draw_distinct(n, lambda: make_task(kinds[next(counter) % len(kinds)], rng), lambda t: [t.prompt], exclude,
+                         unique)
 
 
 def check(task_or_answer: Task | dict | str, completion: str) -> float:
     """1.0 if the completion's answer equals the reference (a Task, a row with "answer", or a string)."""
     answer = task_or_answer if isinstance(task_or_answer, str) else (
         task_or_answer["answer"] if isinstance(task_or_answer, dict) else task_or_answer.answer)
-    return float(normalize_answer(completion) == normalize_answer(answer) != "")
+    return exact_answer(answer, completion)
 
 
 def _shape(text: str) -> str:

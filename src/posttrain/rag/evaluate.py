@@ -103,7 +103,7 @@ def evaluate_retrieval(retriever: Retriever, questions: list[dict], k: int, mode
 def answer_accuracy(model: str, retriever: Retriever, questions: list[dict], k: int, mode: str,
                     max_new_tokens: int = 64, batch_size: int = 8, template: str | None = None) -> dict:
     from ..engine import Engine, SamplingParams
-    from ..generate import _prompt_ids
+    from ..generate import prompt_token_ids
     from .prompt import Augmenter
 
     rows = [q for q in questions if q.get("answer")]
@@ -117,7 +117,7 @@ def answer_accuracy(model: str, retriever: Retriever, questions: list[dict], k: 
         prompts = []
         for row in rows:
             messages = [{"role": "user", "content": row["question"]}]
-            prompts.append(_prompt_ids(engine, augment(messages)[0] if use_rag else messages))
+            prompts.append(prompt_token_ids(engine, augment(messages)[0] if use_rag else messages))
         correct = 0
         for start in range(0, len(prompts), batch_size):
             batch = rows[start:start + batch_size]

@@ -34,7 +34,7 @@ def make_pairs(index: str, model: str, out: str, *, per_chunk: int = 1, max_chun
                temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0, negatives: bool = True,
                batch_size: int = 8) -> dict:
     from ..engine import Engine, SamplingParams
-    from ..generate import _prompt_ids
+    from ..generate import prompt_token_ids
 
     if per_chunk < 1 or batch_size < 1 or (max_chunks is not None and max_chunks < 1):
         raise ConfigError("--per-chunk, --batch-size and --max-chunks must be at least 1")
@@ -53,7 +53,7 @@ def make_pairs(index: str, model: str, out: str, *, per_chunk: int = 1, max_chun
     with open(partial, "w", encoding="utf-8") as handle:
         for b, start in enumerate(range(0, len(ids), batch_size)):
             batch = ids[start:start + batch_size]
-            prompts = [_prompt_ids(engine, [{"role": "user", "content": PROMPT.format(passage=indexed_text(chunks[i]))}])
+            prompts = [prompt_token_ids(engine, [{"role": "user", "content": PROMPT.format(passage=indexed_text(chunks[i]))}])
                        for i in batch]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=per_chunk,
                                     seed=seed + b)

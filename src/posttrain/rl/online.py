@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.batching import collate
 from ..data.examples import Prompt
-from ..data.formats import LoadReport, _as_sources
+from ..data.formats import LoadReport, as_sources
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError
 from ..forward import scores_at, selection, token_logps, unwrap
@@ -48,7 +48,7 @@ def load_prompts(sources, *, kind="prompt", dataset_info=None, skip_invalid=Fals
     if dataset_info:
         raise ConfigError("ppo/grpo read prompt files directly; data.dataset_info is not supported here")
     report, prompts = LoadReport(), []
-    for source in _as_sources(sources):
+    for source in as_sources(sources):
         rows = read_prompts(source.path)[:source.max_samples]
         for row, messages in rows:
             key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"

@@ -62,6 +62,24 @@ def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+_ANSWER_PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?answer\s*(is|:)\s*", re.IGNORECASE)
+_ANSWER_EDGE = " \t.,!?;:'\"`*"
+
+
+def normalize_answer(text: str) -> str:
+    """First non-empty line, without an "Answer:" / "The answer is" prefix, edge punctuation, commas
+    between items or repeated spaces. Case is kept: it is part of the value."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    s = _ANSWER_PREFIX.sub("", lines[0] if lines else "").strip(_ANSWER_EDGE)
+    return " ".join(s.replace(",", " ").split())
+
+
+def exact_answer(answer: str, completion: str) -> float:
+    """1.0 when the completion's answer (normalize_answer) equals the reference answer, else 0.0: the default
+    checker of `posttrain eval --tasks`."""
+    return float(normalize_answer(completion) == normalize_answer(answer) != "")
+
+
 def answer_match(prompts, completions, columns, *, column: str = "answer", normalize: bool = False):
     """1.0 when the completion equals the row's `column` (after _normalize if `normalize`), else 0.0."""
     answers = _column(columns, column, "answer_match")
