@@ -100,7 +100,7 @@ def test_grpo_raises_the_reward_with_bounded_kl(tiny_model, rl_files, tmp_path):
 def test_ppo_raises_the_score_with_a_value_head(tiny_model, rl_files, tmp_path):
     out = tmp_path / "ppo"
     config = build_config(rl_config(tiny_model, rl_files, out, "ppo",
-                                    ppo={"kl_coef": 0.02, "missing_eos_penalty": None, "vf_coef": 1.0,
+                                    ppo={"kl_coef": 0.2, "missing_eos_penalty": None, "vf_coef": 1.0,
                                          "epochs": 2},
                                     train={"max_steps": 30, "batch_size": 8, "lr": 5e-3}))
     summary = run_training(config)
@@ -113,13 +113,41 @@ def test_ppo_raises_the_score_with_a_value_head(tiny_model, rl_files, tmp_path):
     assert last > first + 0.05, (first, last)
     assert max(r["kl"] for r in rows) < 15.0
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
-    # reward = score - beta * KL summed over the response
+    # reward = the score standardised by the running moments (ppo.normalize_scores) - beta * KL over the response
     for r in rows:
-        assert r["reward"] == pytest.approx(r["score"] - r["beta"] * r["kl"], abs=1e-4)
+        assert r["reward"] == pytest.approx(r["score_normalized"] - r["beta"] * r["kl"], abs=1e-4)
     # only the policy is written: same tensors as the starting model, no value head
     saved = load_file(str(out / "model.safetensors"))
     start = load_file(str(Path(tiny_model) / "model.safetensors"))
     assert set(saved) == set(start)
+
+
+def test_ppo_with_its_defaults_raises_a_rule_reward_as_grpo_does(tiny_model, rl_files, tmp_path):
+    """Nothing set in the ppo section: a value head on the policy, its own learning rate (10 x train.lr), scores
+    standardised by their running moments, vf_coef 1. On the task where GRPO (test above) raises the reward, PPO
+    does too, and its critic learns: explained variance is clearly positive by the end. With the old defaults
+    (critic at the policy's rate, vf_coef 0.1, raw scores against a 0.05 KL penalty) the vowel share moved
+    0.184 -> 0.195 in 30 steps and the explained variance stayed below 0."""
+    out = tmp_path / "ppo-defaults"
+    run_training(build_config(rl_config(tiny_model, rl_files, out, "ppo", train={"max_steps": 30, "batch_size": 8})))
+    rows = metrics(out)
+    first, last = mean(rows[:5], "reward/vowels"), mean(rows[-5:], "reward/vowels")
+    assert last > first + 0.15, (first, last)
+    explained = mean(rows[-10:], "explained_variance")
+    assert explained > 0.1, [round(r["explained_variance"], 2) for r in rows]
+    assert rows[0]["score_normalized"] == pytest.approx(0.0, abs=1e-5)  # the first batch is standardised by itself
+
+
+def test_ppo_critic_warmup_moves_only_the_critic(tiny_model, rl_files, tmp_path):
+    out = tmp_path / "warmup"
+    run_training(build_config(rl_config(tiny_model, rl_files, out, "ppo", ppo={"critic_warmup_steps": 2},
+                                        train={"max_steps": 2})))
+    rows = metrics(out)
+    assert [r["critic_warmup"] for r in rows] == [1.0, 1.0]
+    assert all(r["value_grad_norm"] > 0 for r in rows)
+    saved, start = load_file(str(out / "model.safetensors")), load_file(str(Path(tiny_model) / "model.safetensors"))
+    for name in start:  # the policy has not moved
+        assert torch.equal(saved[name], start[name]), name
 
 
 def test_ppo_adaptive_kl_moves_beta_and_resumes_exactly(tiny_model, rl_files, tmp_path):
@@ -195,8 +223,10 @@ def test_grpo_options_with_lora(tiny_model, rl_files, tmp_path, options):
     rows = metrics(out)
     assert ("kl" in rows[0]) == options.get("track_kl", True)
     assert (out / "adapter_config.json").is_file()
-    if options.get("epochs", 1) > 1:
-        assert rows[0]["clip_fraction"] >= 0.0
+    if options.get("epochs", 1) > 1:  # later updates of a rollout are off-policy: some tokens get clipped
+        assert any(r["clip_fraction"] > 0 for r in rows), [r["clip_fraction"] for r in rows]
+    else:  # one update per rollout: ratio 1, nothing to clip
+        assert all(r["clip_fraction"] == 0 for r in rows)
 
 
 def test_prompts_over_the_limit_are_truncated_and_counted(tiny_model, rl_files, tmp_path):

@@ -102,9 +102,14 @@ def test_group_advantages():
     # r_i minus the mean of the other three
     assert rloo[0].item() == pytest.approx(1.0 - 1 / 3)
     assert rloo[1].item() == pytest.approx(0.0 - 2 / 3)
+    # reinforce++: centred within the group first, then whitened over the batch. The groups have different means
+    # (0.5 and 2.0), so this is not plain whitening of the rewards: the second group's advantages are all 0.
     pp = group_advantages(rewards, 4, "reinforce++")
-    assert pp.mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert pp.std().item() == pytest.approx(1.0, abs=1e-3)
+    centred = [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    centred_std = torch.tensor(centred).std().item()
+    assert pp.tolist() == pytest.approx([c / (centred_std + 1e-4) for c in centred], rel=1e-5, abs=1e-6)
+    plain = (rewards - rewards.mean()) / rewards.std()
+    assert (pp - plain).abs().max() > 0.5
 
 
 def test_aggregation_token_and_sequence_mean():
@@ -113,3 +118,29 @@ def test_aggregation_token_and_sequence_mean():
     assert aggregate(per_token, mask, "token_mean") == (pytest.approx(6.0), 3.0)
     summed, count = aggregate(per_token, mask, "sequence_mean")
     assert (float(summed), count) == (pytest.approx(2.0 + 2.0), 2.0)
+
+
+def test_minibatch_plan_spreads_the_rollout_evenly():
+    from posttrain.rl.online import minibatch_plan
+
+    for n, parts, sizes in [(10, 4, [3, 3, 2, 2]), (7, 3, [3, 2, 2]), (9, 4, [3, 2, 2, 2]), (3, 5, [1, 1, 1]),
+                            (8, 1, [8])]:
+        plan = minibatch_plan(n, parts, seed=0)
+        assert [len(p) for p in plan] == sizes, (n, parts)
+        assert sorted(i for p in plan for i in p) == list(range(n))
+    assert minibatch_plan(10, 4, seed=3) == minibatch_plan(10, 4, seed=3) != minibatch_plan(10, 4, seed=4)
+
+
+def test_running_standardize_uses_every_value_seen_so_far():
+    from posttrain.losses import running_standardize
+
+    first, second = torch.tensor([0.2, 0.4, 0.9]), torch.tensor([1.5, -0.5])
+    moments = {"count": 3, "sum": float(first.sum()), "sum_sq": float((first ** 2).sum())}
+    seen = first
+    assert running_standardize(first, moments).tolist() == pytest.approx(((first - seen.mean()) / seen.std()).tolist())
+    moments = {"count": 5, "sum": moments["sum"] + float(second.sum()),
+               "sum_sq": moments["sum_sq"] + float((second ** 2).sum())}
+    seen = torch.cat([first, second])
+    assert running_standardize(second, moments).tolist() == pytest.approx(((second - seen.mean()) / seen.std()).tolist(),
+                                                                        rel=1e-5)
+    assert running_standardize(torch.tensor([3.0]), {"count": 1, "sum": 3.0, "sum_sq": 9.0}).tolist() == [0.0]

@@ -180,7 +180,10 @@ class DPOConfig(ReferenceConfig):
                                                                   "preference label is flipped.")
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin.")
     sft_weight: float | None = Field(None, ge=0, description="Adds this times the mean token NLL of the chosen "
-                                                            "response. Default: 1 for orpo, 0 otherwise.")
+                                                            "response (each pair's own token mean, averaged over "
+                                                            "pairs; TRL's ORPO takes one token mean over prompt and "
+                                                            "response tokens of the batch). Default: 1 for orpo, 0 "
+                                                            "otherwise.")
     prefix_sharing: bool = Field(False, description="Run the shared prompt once per pair instead of twice "
                                                     "(same losses and gradients, fewer tokens).")
 
@@ -252,19 +255,33 @@ class PPOConfig(RLConfig):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     value_clip: float | None = Field(0.2, gt=0, description="Value clip range around the rollout's values "
                                                             "(null: no clipping).")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    vf_coef: float = Field(1.0, ge=0, description="Weight of the value loss. With a value head on the policy it "
+                                                  "sets how much the shared body learns for the critic (0.1 left "
+                                                  "the critic explaining none of the returns' variance on a rule "
+                                                  "reward; 1.0 learnt); a separate critic has its own optimizer "
+                                                  "state and clipping, so the weight matters little there.")
+    critic_warmup_steps: int = Field(0, ge=0, description="Rollouts at the start on which only the critic is "
+                                                          "updated (the policy's gradients are dropped), so the "
+                                                          "policy's first updates use values that mean something.")
     value_lr: float | None = Field(None, gt=0, description="Learning rate of the critic (the value head or the "
-                                                           "separate value model), on the same schedule; null: "
-                                                           "train.lr. A fresh critic usually needs a higher one "
-                                                           "than the policy.")
+                                                           "separate value model), on the same schedule; null: 10 x "
+                                                           "train.lr (a critic has to fit the returns faster than "
+                                                           "the policy moves).")
     value_model: str = Field(
         "auto", description="The critic: `head` = a value head on the policy's hidden states (shares the body), "
                             "`reward` = a separate value model initialised from the reward model in `rewards`, "
                             "or a directory to initialise a separate value model from (a reward model or a "
                             "causal LM). `auto`: `reward` when `rewards` has a model source, else `head`.")
-    missing_eos_penalty: float | None = Field(-1.0, description="Added to the score of a response that ends "
-                                                                "without an end-of-turn token (null: none).")
+    missing_eos_penalty: float | None = Field(None, description="Added to the score of a response that ends "
+                                                                "without an end-of-turn token (null: none). -1 is the "
+                                                                "usual choice with a reward model that favours long "
+                                                                "answers (Huang et al. 2024).")
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE.")
+    normalize_scores: bool = Field(True, description="Standardise each response's score by the running mean and "
+                                                     "std of all scores so far (kept in checkpoints) before the KL "
+                                                     "penalty is subtracted: kl_coef then weighs the KL against a "
+                                                     "unit-variance score whatever the reward's scale (a vowel share "
+                                                     "of 0.2 ± 0.05 or a reward model's ±3).")
 
 
 class GRPOConfig(RLConfig):

@@ -152,7 +152,10 @@ def dpo_orpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     L = -β log σ(log odds(y_w) - log odds(y_l)),   log odds(y) = avg - log(1 - exp(avg))
 
     avg = log π(y|x) / |y|: the caller passes LENGTH-NORMALISED log-probs; the reference arguments are ignored.
-    The NLL of the chosen response, the other half of ORPO, is added by the stage. log(1 - exp(avg)) is computed as
+    The NLL of the chosen response, the other half of ORPO, is added by the stage (`dpo.sft_weight`, 1 for orpo):
+    each pair's mean token NLL over its chosen RESPONSE, averaged over pairs, so every pair weighs the same
+    whatever its length. TRL 1.16's ORPOTrainer (trl.experimental.orpo) instead takes one token mean over the
+    prompt AND response tokens of all chosen rows of a batch; the odds-ratio term is the same in both. log(1 - exp(avg)) is computed as
     log(-expm1(avg)), accurate near avg = 0 (TRL writes log1p(-exp(avg)); equal in exact arithmetic).
     """
     def log_odds(avg):
@@ -288,6 +291,18 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: fl
         return 0.5 * unclipped
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     return 0.5 * torch.maximum(unclipped, (clipped_values - returns) ** 2)
+
+
+def running_standardize(values: Tensor, moments: dict, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std with the mean and (unbiased) std of every value seen so far, this batch included.
+
+    `moments` = {"count", "sum", "sum_sq"} accumulates over calls (kept in checkpoints by the caller); the batch's
+    own sums may already be totals over processes. With a single value seen, std is taken as 1.
+    """
+    count = moments["count"]
+    mean = moments["sum"] / max(count, 1)
+    variance = (moments["sum_sq"] - count * mean ** 2) / (count - 1) if count > 1 else 1.0
+    return (values - mean) / (max(variance, 0.0) ** 0.5 + eps)
 
 
 def adaptive_kl_coef(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:

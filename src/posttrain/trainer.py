@@ -91,7 +91,7 @@ class Trainer:
 
     # ------------------------------------------------------------ setup helpers
     def _optimizer(self) -> torch.optim.Optimizer:
-        critic_lr = (self.config.ppo.value_lr if self.config.stage == "ppo" else None) or self.train_cfg.lr
+        critic_lr = (self.config.ppo.value_lr or 10 * self.train_cfg.lr) if self.config.stage == "ppo" else self.train_cfg.lr
         groups = []
         for params, lr in ((self.actor_params, self.train_cfg.lr), (self.critic_params, critic_lr)):
             groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.train_cfg.weight_decay,

@@ -274,25 +274,30 @@ def mean_over_processes(trainer, metrics: dict) -> dict:
     return dict(zip(keys, packed))
 
 
-def run_updates(trainer, n: int, epochs: int, mini_batches: int, micro: int, count, micro_step) -> tuple:
+def run_updates(trainer, n: int, epochs: int, mini_batches: int, micro: int, count, micro_step,
+                critic_only: bool = False) -> tuple:
     """The update phase shared by ppo and grpo: `epochs` passes over the rollout's `n` sequences, each cut
     into shuffled mini-batches (one optimizer update each) and those into micro-batches of `micro`.
     `micro_step(epoch, indices, total)` does one micro-batch's forward and backward, with `total` =
-    `count(mini_batch)` summed over processes, the loss's normaliser. Returns the last update's gradient norms
-    (the policy's, the critic's or None) and the number of updates."""
+    `count(mini_batch)` summed over processes, the loss's normaliser. `critic_only` (PPO's critic warm-up)
+    steps the critic alone: the policy's gradients are dropped before each step. Returns the last update's
+    gradient norms (the policy's, the critic's or None) and the number of updates."""
     norms, updates = (0.0, None), 0
     for epoch in range(epochs):
         for minibatch in minibatch_plan(n, mini_batches, seed=trainer.state.step * 1000 + epoch):
             total = max(total_over_processes(trainer, count(minibatch)), 1.0)
             for indices in micro_batches(minibatch, micro):
                 micro_step(epoch, indices, total)
-            norms = optimizer_update(trainer)
+            norms = optimizer_update(trainer, critic_only)
             updates += 1
     return norms, updates
 
 
-def optimizer_update(trainer) -> tuple[float, float | None]:
+def optimizer_update(trainer, critic_only: bool = False) -> tuple[float, float | None]:
     """Clip, step, zero: returns the gradient norms before clipping (the policy's, the critic's or None)."""
+    if critic_only:
+        for param in trainer.actor_params:
+            param.grad = None
     norms = trainer.clip_gradients()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import (adaptive_kl_coef, gae, kl_k1, masked_mean, masked_whiten, ppo_policy_loss,
-                      ppo_value_loss)
+                      ppo_value_loss, running_standardize)
 from . import online
 from .online import PolicyWithValue
 
@@ -74,6 +74,17 @@ def _padded(per_sequence: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return out, mask
 
 
+def normalized_scores(trainer, scores: torch.Tensor) -> torch.Tensor:
+    """The scores standardised by the running mean and std of every score so far (over all processes), so the
+    KL penalty weighs against a unit-variance score whatever the reward's scale; the moments live in the
+    loop's stage_state, so a resumed run continues them."""
+    moments = trainer.state.stage_state.setdefault("score_moments", {"count": 0, "sum": 0.0, "sum_sq": 0.0})
+    batch = [float(len(scores)), float(scores.sum()), float((scores.double() ** 2).sum())]
+    count, total, total_sq = (online.total_over_processes(trainer, value) for value in batch)
+    moments.update(count=moments["count"] + int(count), sum=moments["sum"] + total, sum_sq=moments["sum_sq"] + total_sq)
+    return running_standardize(scores, moments).float()
+
+
 def step(trainer, prompts: list[dict], ctx) -> dict:
     """One rollout of the step's prompts (one response each), scored, then the updates on it."""
     return update(trainer, ctx, online.rollout(trainer, ctx, prompts, 1, ctx.config.ppo.missing_eos_penalty))
@@ -107,7 +118,8 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
     kl = kl_k1(old_lp, ref_lp) * mask
     rewards = -beta * kl
     last = torch.tensor(ro.response_tokens) - 1
-    rewards[torch.arange(n), last] += ro.scores
+    scores = normalized_scores(trainer, ro.scores) if cfg.normalize_scores else ro.scores
+    rewards[torch.arange(n), last] += scores
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, old_v, mask, cfg.gamma, cfg.lam)
@@ -138,8 +150,10 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
             sums["value_clip_fraction"] += float(moved.sum())
         sums["tokens"] += float(len(logps))
 
+    warming_up = trainer.state.step < cfg.critic_warmup_steps
     (grad_norm, value_grad_norm), _ = online.run_updates(
-        trainer, n, cfg.epochs, cfg.mini_batches, micro, lambda mb: sum(ro.response_tokens[i] for i in mb), micro_step)
+        trainer, n, cfg.epochs, cfg.mini_batches, micro, lambda mb: sum(ro.response_tokens[i] for i in mb), micro_step,
+        critic_only=warming_up)
     timing = {"time/logprobs": prepared - rolled_out, "time/update": time.perf_counter() - prepared}
 
     tokens = max(sums["tokens"], 1.0)
@@ -148,7 +162,8 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
     flat_returns, flat_values = returns[mask.bool()], old_v[mask.bool()]
     variance = flat_returns.var() if flat_returns.numel() > 1 else torch.tensor(0.0)
     explained = 1 - (flat_returns - flat_values).var() / variance if variance > 0 else torch.tensor(0.0)
-    metrics = {"reward": float((ro.scores + non_score).mean()), "score": float(ro.scores.mean()),
+    metrics = {"reward": float((scores + non_score).mean()), "score": float(ro.scores.mean()),
+               "score_normalized": float(scores.mean()),
                "reward_std": float(ro.scores.std()) if n > 1 else 0.0, **ro.metrics,
                "kl": float(kl_per_response.mean()), "beta": beta,
                "entropy": float(masked_mean(_padded(entropies)[0], mask)),
@@ -156,6 +171,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
                "clip_fraction": sums["clip_fraction"] / tokens, "approx_kl": sums["approx_kl"] / tokens,
                "value_clip_fraction": sums["value_clip_fraction"] / tokens,
                "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask)),
+               "critic_warmup": float(warming_up),
                **({"value_grad_norm": value_grad_norm} if value_grad_norm is not None else {})}
     metrics = online.mean_over_processes(trainer, {**metrics, **timing})
     if cfg.adaptive_kl:
