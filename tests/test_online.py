@@ -273,3 +273,18 @@ def test_online_config_errors(tiny_model, rl_files, tmp_path):
         build_config({**body, "grpo": {"num_generation": 4}})
     with pytest.raises(ConfigError, match="`rewards:` is for stages ppo and grpo"):
         build_config({**body, "stage": "sft"})
+
+
+def test_prompt_rows_with_images_are_refused(tiny_model, rl_files, tmp_path):
+    """An `images` column in a prompts file would otherwise reach the rewards as a plain column while the
+    model never sees the picture."""
+    prompts = write_jsonl(tmp_path / "mm.jsonl", [{"prompt": "What is 2 plus 2?", "answer": "4"},
+                                                   {"prompt": "<image>What colour is it?", "images": ["a.png"]}])
+    result = run_cli("generate", "--model", tiny_model, "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+                     check=False)
+    assert result.returncode == 2 and "mm.jsonl:2" in result.stderr and "images" in result.stderr, result.stderr
+    body = rl_config(tiny_model, {**rl_files, "prompts": prompts}, tmp_path / "o", "grpo")
+    from posttrain.errors import DataError
+
+    with pytest.raises(DataError, match="multimodal data is not supported yet"):
+        run_training(build_config(body))

@@ -16,6 +16,7 @@ import torch
 
 from .data.chats import RowFields
 from .data.examples import Message
+from .data.formats import check_text_only
 from .data.preference import prompt_value
 from .data.sources import Row, read_rows
 from .engine import Engine, SamplingParams
@@ -32,6 +33,7 @@ def read_prompts(path: str) -> list[tuple[Row, list[Message]]]:
     prompts = []
     for row in rows:
         key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
+        check_text_only(row, "ranking", None)  # images in a prompt row would be dropped: refuse them
         prompts.append((row, prompt_value(RowFields(row, "ranking", None), key, None)))
     return prompts
 

@@ -155,8 +155,9 @@ def dpo_orpo(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     The NLL of the chosen response, the other half of ORPO, is added by the stage (`dpo.sft_weight`, 1 for orpo):
     each pair's mean token NLL over its chosen RESPONSE, averaged over pairs, so every pair weighs the same
     whatever its length. TRL 1.16's ORPOTrainer (trl.experimental.orpo) instead takes one token mean over the
-    prompt AND response tokens of all chosen rows of a batch; the odds-ratio term is the same in both. log(1 - exp(avg)) is computed as
-    log(-expm1(avg)), accurate near avg = 0 (TRL writes log1p(-exp(avg)); equal in exact arithmetic).
+    prompt AND response tokens of all chosen rows of a batch; the odds-ratio term is the same in both.
+    log(1 - exp(avg)) is computed as log(-expm1(avg)), accurate near avg = 0 (TRL writes log1p(-exp(avg)); equal
+    in exact arithmetic).
     """
     def log_odds(avg):
         return avg - torch.log(-torch.expm1(avg))
