@@ -179,9 +179,17 @@ def test_second_run_is_refused_ctrl_c_says_how_to_resume_and_a_stale_lock_is_tak
     finally:
         second.kill()
     assert f"pid {second.pid}" in (out / ".posttrain.lock").read_text()
-    third = run_cli("train", path, check=False)
-    assert f"took over the lock of a run that ended without releasing it (pid {second.pid}" in third.stderr
-    one_line_error(third, "holds checkpoints of an unfinished run")
+    third = start(path, "resume=auto", log=log)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and third.poll() is None and "resuming from" not in log.read_text():
+            time.sleep(0.05)
+        third.send_signal(signal.SIGINT)
+        third.wait(timeout=120)
+    finally:
+        third.kill()
+    assert f"took over the lock of a run that ended without releasing it (pid {second.pid}" in log.read_text()
+    assert third.returncode == 130 and (out / ".posttrain.lock").read_text() == ""
 
 
 # ---------------------------------------------------------------- 4: an adapter on the wrong base

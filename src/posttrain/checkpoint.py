@@ -3,7 +3,8 @@
 A checkpoint is written to `checkpoints/.partial-step-N/` and renamed to `checkpoints/step-N/` only when
 complete (rename is atomic on one filesystem), so `resume: auto` never picks a half-written one. It holds
 the trainable weights, optimizer and scheduler state, every process's RNG state and the loop's position,
-which is enough to reach the same final weights as an uninterrupted run.
+which is enough to reach the same final weights as an uninterrupted run. torch is imported inside the functions
+that need it, so the CLI can look at an output directory's checkpoints before torch loads.
 """
 from __future__ import annotations
 
@@ -13,23 +14,25 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def trainable_state(model: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+def trainable_state(model, names: set[str]) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -40,6 +43,9 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: Path, step: int, *, model, names: set[str], optimizer, scheduler, loop_state: dict,
                     rank: int = 0, is_main: bool = True, keep: int = 2, barrier=lambda: None) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    import torch
+    from safetensors.torch import save_file
+
     final = root / f"step-{step}"
     partial = root / f".partial-step-{step}"
     if is_main:
@@ -86,6 +92,9 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
     if missing:

@@ -15,15 +15,23 @@ from .rag.commands import add_rag_arguments, add_rag_commands, rag_augmenter
 def _train(args) -> None:
     from .config import load_config
     from .hub import resolve_model_path
+    from .output_dir import check_unlocked, plan
 
     config = load_config(args.config, args.overrides + (["overwrite_output_dir=true"] if args.overwrite else []))
-    resolve_model_path(config.model)  # config and model-path errors come before the slow imports below
-    from .train import run_training
+    # config, model-path and output_dir problems are answered before torch loads (run_training checks the
+    # output_dir again, holding its lock)
+    resolve_model_path(config.model)
+    check_unlocked(Path(config.output_dir))
+    finished, _ = plan(Path(config.output_dir), config.resume, config.overwrite_output_dir)
+    if finished is not None:
+        summary = {**finished, "already_finished": True}
+    else:
+        from .train import run_training
 
-    try:
-        summary = run_training(config)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(_resume_hint(args, config)) from None
+        try:
+            summary = run_training(config)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(args, config)) from None
     if summary.get("already_finished"):
         print(f"{config.output_dir} already holds a finished run ({summary.get('steps')} steps, finished "
               f"{summary.get('finished_at')}): nothing to do; add --overwrite to train it again")

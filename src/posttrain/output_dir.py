@@ -45,7 +45,7 @@ def locked(out_dir: Path):
         holder = handle.read().strip() or "a process that has not written its name yet"
         handle.close()
         raise ConfigError(f"output_dir {out_dir} is in use by another run ({holder}); wait for it to finish or "
-                          f"choose another output_dir") from None
+                          f"choose another output_dir") from None  # (the same words as check_unlocked)
     handle.seek(0)
     stale = handle.read().strip()
     if stale:
@@ -66,6 +66,36 @@ def locked(out_dir: Path):
             out_dir.rmdir()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def check_unlocked(out_dir: Path) -> None:
+    """The refusal `locked` would give, without taking the lock (the CLI answers before torch loads)."""
+    path = out_dir / LOCK
+    if not path.is_file():
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ConfigError(f"output_dir {out_dir} is in use by another run ({handle.read().strip()}); wait "
+                              f"for it to finish or choose another output_dir") from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def plan(out_dir: Path, resume: str | None, overwrite: bool) -> tuple[dict | None, Path | None]:
+    """What a run into out_dir does: (the finished run's summary, None) when `resume: auto` finds a finished
+    run (nothing to do); else (None, the checkpoint to resume from, or None for a new run). A new run that
+    would replace an earlier run's output without `overwrite` is a ConfigError."""
+    finished = finished_summary(out_dir)
+    if resume == "auto" and finished is not None:
+        if not overwrite:
+            return finished, None
+        resume = None  # --overwrite: a finished run is replaced, not continued
+    resume_from = ckpt.find_resume_checkpoint(resume, out_dir)
+    if resume_from is None:
+        check_previous_run(out_dir, overwrite)
+    return None, resume_from
 
 
 def finished_summary(out_dir: Path) -> dict | None:

@@ -367,7 +367,15 @@ def _train_config(name: str, body: dict, out: Path) -> dict:
                                                          if line.strip() != "invalid config:")) from None
     dumped = config.model_dump(mode="json")
     dumped.pop("overwrite_output_dir")  # always on in a recipe (see _run_train), so not part of the hash
+    for section in set(STAGE_SECTIONS.get("all", ())) - set(STAGE_SECTIONS.get(config.stage, ())):
+        dumped.pop(section, None)  # another stage's settings: a change to their defaults reruns nothing here
     return dumped
+
+
+# the config sections only some stages read (the rest: every stage); a train step's hash leaves out the others
+STAGE_SECTIONS = {"rm": ("rm",), "dpo": ("dpo",), "kto": ("kto",), "ppo": ("ppo", "generation", "rewards"),
+                  "grpo": ("grpo", "generation", "rewards"),
+                  "all": ("rm", "dpo", "kto", "ppo", "grpo", "generation", "rewards")}
 
 
 def _keys_config(name: str, kind: str, body: dict) -> dict:
@@ -628,7 +636,7 @@ class Progress:
         left, rough = self.left(step)
         if left is None:
             return text
-        return text + f", about {_minutes(left)} left" + (" (rough: some steps never ran before)" if rough else "")
+        return text + f", about {_minutes(left)} left" + (" (rough)" if rough else "")
 
     def left(self, current: Step) -> tuple[float | None, bool]:
         """Expected seconds from the start of `current` to the end of the recipe (None: no idea yet), and

@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from . import checkpoint as ckpt
 from . import output_dir
 from .config import Config, dump_config
 from .data.batching import collate, collate_packed, pack
@@ -173,13 +172,9 @@ def run_training(config: Config) -> dict:
     """Train in config.output_dir, holding its lock; a finished run with `resume: auto` is left as it is."""
     out_dir = Path(config.output_dir)
     with output_dir.lock(out_dir):
-        finished = output_dir.finished_summary(out_dir)
-        if config.resume == "auto" and finished is not None and not config.overwrite_output_dir:
+        finished, resume_from = output_dir.plan(out_dir, config.resume, config.overwrite_output_dir)
+        if finished is not None:
             return {**finished, "already_finished": True}  # the CLI says so
-        resume = None if config.resume == "auto" and finished is not None else config.resume
-        resume_from = ckpt.find_resume_checkpoint(resume, out_dir)
-        if resume_from is None:
-            output_dir.check_previous_run(out_dir, config.overwrite_output_dir)
         return _train(config, out_dir, resume_from)
 
 
