@@ -59,6 +59,63 @@ def use_bf16(setting: bool | str) -> bool:
     return fast_bf16() if setting == "auto" else bool(setting)
 
 
+# ---------------------------------------------------------------- device and dtype
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_device(setting: str | None = "auto", flag: str = "--device") -> torch.device:
+    """`auto` (or None): the CUDA GPU, else Apple's MPS, else the CPU; `cuda`, `cuda:N`, `mps`, `cpu` as asked.
+    A device this machine lacks is a one-line ConfigError naming `flag`."""
+    setting = "auto" if setting in (None, "") else str(setting).lower()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if setting == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("mps" if mps else "cpu")
+    kind, _, index = setting.partition(":")
+    if kind not in DEVICE_CHOICES[1:] or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{flag} {setting}: choose one of auto, cuda, cuda:N, mps, cpu")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{flag} {setting}: no CUDA GPU is visible here (torch {torch.__version__}"
+                              f"{', built without CUDA' if torch.version.cuda is None else ''}); use {flag} auto or cpu")
+        if index and int(index) >= count:
+            raise ConfigError(f"{flag} {setting}: this machine has {count} CUDA GPU(s), numbered from 0")
+    if kind == "mps" and not mps:
+        raise ConfigError(f"{flag} mps: Apple's MPS backend is not available here; use {flag} auto or cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str | torch.dtype | None, device: torch.device | str, flag: str = "--dtype") -> torch.dtype:
+    """The dtype weights are held in on `device`. `auto` (or None): bf16 on a GPU that has it (fp16 on older
+    GPUs and on MPS), fp32 on a CPU. bf16 where it would be emulated, or fp16 on a CPU, is a one-line
+    ConfigError naming `flag`."""
+    if isinstance(setting, torch.dtype):
+        setting = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(setting, str(setting))
+    setting = "auto" if setting in (None, "") else str(setting).lower()
+    kind = torch.device(device).type
+    if setting == "auto":
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if kind == "mps" else torch.float32
+    if setting not in DTYPE_NAMES:
+        raise ConfigError(f"{flag} {setting}: choose one of {', '.join(DTYPE_CHOICES)}")
+    dtype = DTYPE_NAMES[setting]
+    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{flag} {setting}: this GPU ({torch.cuda.get_device_name()}) has no bf16; use {flag} fp16 "
+                          f"or fp32")
+    if dtype == torch.bfloat16 and kind == "cpu" and not fast_bf16():
+        raise ConfigError(f"{flag} {setting}: this CPU has no native bf16 (AMX or AVX512-BF16), it would be emulated "
+                          f"and many times slower than fp32; use {flag} fp32")
+    if dtype == torch.float16 and kind == "cpu":
+        raise ConfigError(f"{flag} {setting}: fp16 is for GPUs; on a CPU use {flag} fp32"
+                          + (" or bf16" if fast_bf16() else ""))
+    return dtype
+
+
 # ---------------------------------------------------------------- tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -132,16 +189,20 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 
 def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, labels: list[str] | None = None,
-               dtype: torch.dtype = torch.float32, quantize: str | None = None) -> PreTrainedModel:
+               dtype: torch.dtype = torch.float32, quantize: str | None = None,
+               device: torch.device | str | None = None) -> PreTrainedModel:
     """task: "causal" (AutoModelForCausalLM), "classify" (AutoModelForSequenceClassification with `labels`)
     or "reward" (AutoModelForSequenceClassification with one output: a scalar reward). quantize: "4bit" /
-    "8bit" loads a bitsandbytes base for QLoRA (quantize.py)."""
+    "8bit" loads a bitsandbytes base for QLoRA (quantize.py). `device`: where the weights go (on a GPU they
+    are loaded there directly, never held twice in host memory); None leaves them on the CPU."""
     name = resolve_model_path(name)
     kwargs: dict = dict(trust_remote_code=trust_remote_code, dtype=dtype)
     if quantize is not None:
         from .quantize import qlora_load_kwargs
 
         kwargs.update(qlora_load_kwargs(quantize))
+    elif device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if task in ("classify", "reward"):
