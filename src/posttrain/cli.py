@@ -373,8 +373,8 @@ def _with_help(add_parser):
 
 
 # third-party log lines that tell a user nothing (said in our words where it matters: modeling.py states a
-# new task head once; the rest is torchao failing to load GPU kernels on a CPU machine, and torch's
-# deprecation notes about torchao's enums)
+# new task head once; the rest is torchao failing to load GPU kernels on a CPU machine, torch's deprecation
+# notes about torchao's enums, and DeepSpeed, when installed, saying on every CPU run that it found no GPU)
 QUIET = {"httpx": logging.WARNING, "urllib3": logging.WARNING, "datasets": logging.WARNING,
          "transformers": logging.WARNING, "accelerate": logging.WARNING, "peft": logging.WARNING,
          "filelock": logging.WARNING, "huggingface_hub": logging.ERROR, "torchao": logging.ERROR,
@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy, level in QUIET.items():
         logging.getLogger(noisy).setLevel(level)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "unable to detect it" not in record.getMessage())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it too, when it is imported
     try:
