@@ -6,10 +6,15 @@ Which positions count comes from the batch:
   and the sums are per row;
 - the shared-prefix layout (stages/prefix.py): explicit `predictor` positions (flat indices into the batch),
   their `target` ids and a `slot` per position (the sums are per slot: chosen 0..n-1, rejected n..2n-1).
-For models whose causal-LM forward is exactly `lm_head(body(...))` the head runs on the selected positions
-only: the prompt's and the padding's rows of the [tokens, vocab] logits are never built.
+Every forward is the model's own call (through whatever DDP / FSDP / DeepSpeed wrapper it is in, so gradients
+are synchronised and sharded weights gathered). For models whose causal-LM forward is exactly
+`lm_head(last hidden state)` the head is applied, for that call, to the selected positions only, and the
+log-probs are computed chunk by chunk (HeadLogps): the prompt's and the padding's rows of the logits are never
+built, and no [tokens, vocab] tensor is kept for the backward.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +22,20 @@ from torch import nn
 
 from .errors import ConfigError
 from .losses import IGNORE, shift_labels
-from .modeling import plain_head_parts
+from .modeling import PLAIN_HEAD_MODELS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module under a DistributedDataParallel wrapper or a DeepSpeed engine (FSDP2 shards in place: its
+    module is the model itself)."""
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
 
 
 def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP and peft wrappers."""
+    """The transformers model under DDP / DeepSpeed and peft wrappers."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -53,6 +60,16 @@ def model_inputs(model: nn.Module, batch: dict) -> dict:
     return inputs
 
 
+def prefix_sharing_on(setting: bool | str, model: nn.Module, what: str) -> bool:
+    """rm/dpo.prefix_sharing resolved: `auto` is on where it is exact (sdpa or eager attention, which take the
+    explicit mask it needs), off for other kernels; `true` with such a kernel is a config error."""
+    if setting == "auto":
+        return attention_kernel(model) in ("sdpa", "eager")
+    if setting:
+        check_explicit_mask_kernel(model, what)
+    return bool(setting)
+
+
 def check_explicit_mask_kernel(model: nn.Module, what: str) -> None:
     """A clear config error, before training, for kernels that cannot take an explicit 4D mask."""
     kernel = attention_kernel(model)
@@ -73,29 +90,163 @@ def selection(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, in
     return positions, targets.flatten()[positions], positions // targets.shape[1], targets.shape[0]
 
 
+# [rows, vocab] logits are computed this many elements at a time (128 MB in fp32): with a 152k vocabulary, 220
+# rows. The backward recomputes a chunk's logits instead of keeping them, unless one chunk holds all rows.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
+
+
+def _logits(hidden, weight, bias, dtype, temperature) -> torch.Tensor:
+    """fp32 logits / T of a chunk, the matmul in `dtype` (the autocast dtype, as the model's head would)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return logits.float() / temperature
+
+
+class HeadLogps(torch.autograd.Function):
+    """Per row: log softmax(h W^T + b) / T at the target id, and the entropy of that distribution (no gradient),
+    without a [rows, vocab] tensor: chunks of rows are done one after the other, in the forward and again in the
+    backward, where d logp / d z = (onehot(target) - softmax(z)) / T."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):
+        dtype, rows = _matmul_dtype(hidden), hidden.shape[0]
+        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        entropies = torch.empty(rows if entropy else 0, dtype=torch.float32, device=hidden.device)
+        probs = None
+        for start in range(0, rows, chunk):
+            z = _logits(hidden[start:start + chunk], weight, bias, dtype, temperature)
+            log_p = torch.log_softmax(z, dim=-1)  # rounded as the plain computation rounds it
+            logps[start:start + chunk] = log_p.gather(1, targets[start:start + chunk, None]).squeeze(1)
+            if entropy or rows <= chunk:
+                p = log_p.exp_()
+                if entropy:
+                    entropies[start:start + chunk] = -(p * (z - torch.logsumexp(z, dim=-1, keepdim=True))).sum(-1)
+                if rows <= chunk:
+                    probs = p  # one chunk: keep it for the backward instead of recomputing it
+        ctx.save_for_backward(hidden, weight, bias, targets, probs)
+        ctx.temperature, ctx.dtype, ctx.chunk = temperature, dtype, chunk
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        hidden, weight, bias, targets, probs = ctx.saved_tensors
+        dtype, chunk, rows = ctx.dtype, ctx.chunk, hidden.shape[0]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, rows, chunk):
+                end = min(start + chunk, rows)
+                if probs is None:
+                    p = torch.log_softmax(_logits(hidden[start:end], weight, bias, dtype, ctx.temperature), -1).exp_()
+                else:
+                    p = probs
+                g = grad_logps[start:end, None].float()
+                grad_z = (-p * g).scatter_add_(1, targets[start:end, None], g) / ctx.temperature
+                if need_hidden:
+                    grad_hidden[start:end] = (grad_z.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad_z.T.to(dtype) @ hidden[start:end].to(dtype)).float()
+                if need_bias:
+                    grad_bias += grad_z.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+@contextmanager
+def _head_on_positions(model: nn.Module, positions: torch.Tensor, compute, captured: dict):
+    """While the model's own forward runs (through any DDP / FSDP / DeepSpeed wrapper), its LM head is applied to
+    the selected flat `positions` only, by `compute(head, hidden [K, H])`, whose result becomes the forward's
+    `logits`; the selected hidden states are kept in `captured["hidden"]`. Yields False (and changes nothing)
+    for models whose logits are not exactly `lm_head(last hidden state)` (modeling.PLAIN_HEAD_MODELS)."""
+    head = _plain_head(model)
+    if head is None:
+        yield False
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        selected = hidden.flatten(0, 1)[positions]
+        captured["hidden"] = selected
+        return compute(head, selected)
+
+    own = head.__dict__.get("forward")  # an instance-level forward someone else installed, kept
+    head.forward = forward
+    try:
+        yield True
+    finally:
+        if own is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = own
+
+
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    hf = hf_model(model)
+    if getattr(getattr(hf, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear else None  # not a LoRA-wrapped head
+
+
 def selected_logits(model: nn.Module, batch: dict, positions: torch.Tensor,
                     with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [K, V] (and the last hidden states [K, H]) at the flat `positions` of the batch."""
-    inputs = model_inputs(model, batch)
-    parts = plain_head_parts(model)
-    if parts is not None:
-        body, head = parts
-        hidden = body(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
-        return head(hidden), hidden if with_hidden else None
-    out = model(**inputs, use_cache=False, output_hidden_states=with_hidden)
+    """Logits [K, V] (and the last hidden states [K, H]) at the flat `positions` of the batch. token_logps is the
+    memory-lean way to what most callers need; this one builds the [K, V] logits."""
+    captured: dict = {}
+    with _head_on_positions(model, positions, lambda head, h: F.linear(h, head.weight, head.bias), captured) as on:
+        out = model(**model_inputs(model, batch), use_cache=False, output_hidden_states=with_hidden and not on)
+    if on:
+        return out.logits, captured["hidden"] if with_hidden else None
     hidden = out.hidden_states[-1].flatten(0, 1)[positions] if with_hidden else None
     return out.logits.flatten(0, 1)[positions], hidden
 
 
-def token_logps(model: nn.Module, batch: dict, temperature: float = 1.0,
-                with_hidden: bool = False) -> dict[str, torch.Tensor | None]:
-    """Per trained token, in order: `logps` [K] under logits / T, `logits` [K, V] (scaled by 1/T, fp32),
-    `slots` [K], `hidden` [K, H] when asked for; `slot_count` the number of rows (or pair slots)."""
+def token_logps(model: nn.Module, batch: dict, temperature: float = 1.0, with_hidden: bool = False,
+                with_entropy: bool = False, with_logits: bool = False) -> dict[str, torch.Tensor | None]:
+    """Per trained token, in order: `logps` [K] fp32 under logits / T; `slots` [K]; `slot_count` the number of rows
+    (or pair slots); when asked for, `entropy` [K] (no gradient), `hidden` [K, H], `logits` [K, V] (fp32, / T).
+
+    For plain-head models (modeling.PLAIN_HEAD_MODELS) no [K, V] tensor is kept: HeadLogps computes the log-probs
+    chunk by chunk in the forward and again in the backward (unless `logits` are asked for). Other models go
+    through their full forward ([rows, length, vocab] logits)."""
     positions, targets, slots, count = selection(batch)
-    logits, hidden = selected_logits(model, batch, positions, with_hidden)
-    logits = logits.float() / temperature
-    logps = -F.cross_entropy(logits, targets, reduction="none")
-    return {"logps": logps, "logits": logits, "slots": slots, "hidden": hidden, "slot_count": count}
+    captured: dict = {}
+
+    def compute(head, hidden):
+        if with_logits:
+            return F.linear(hidden, head.weight, head.bias)
+        logps, entropy = HeadLogps.apply(hidden, head.weight, head.bias, targets, float(temperature), with_entropy)
+        captured["entropy"] = entropy
+        return logps
+
+    with _head_on_positions(model, positions, compute, captured) as on:
+        out = model(**model_inputs(model, batch), use_cache=False, output_hidden_states=with_hidden and not on)
+    if on and not with_logits:
+        logps, logits, entropy, hidden = out.logits, None, captured.get("entropy"), captured.get("hidden")
+        entropy = entropy if with_entropy else None
+    else:
+        logits = out.logits if on else out.logits.flatten(0, 1)[positions]
+        hidden = captured.get("hidden") if on else (
+            out.hidden_states[-1].flatten(0, 1)[positions] if with_hidden else None)
+        logits = logits.float() / temperature
+        logps = -F.cross_entropy(logits, targets, reduction="none")
+        entropy = entropy_of(logits.detach()) if with_entropy else None
+    return {"logps": logps, "logits": logits if with_logits else None, "entropy": entropy, "slots": slots,
+            "hidden": hidden if with_hidden else None, "slot_count": count}
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy of softmax(logits): logsumexp(z) - sum p z."""
+    log_z = torch.logsumexp(logits, dim=-1)
+    return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,14 +262,13 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 # ---------------------------------------------------------------------------------------- scalar scores
 
-def score_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(body, scalar head) of a sequence-classification model (a reward model or a critic)."""
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model (a reward model or a critic)."""
     hf = hf_model(model)
-    body = getattr(hf, hf.base_model_prefix)
     head = getattr(hf, "score", None) or getattr(hf, "classifier", None)
     if head is None:
         raise ConfigError(f"{type(hf).__name__} has no `score` or `classifier` head to read a reward from")
-    return body, head
+    return head
 
 
 def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -130,12 +280,21 @@ def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def scores_at(model: nn.Module, batch: dict, positions: torch.Tensor) -> torch.Tensor:
-    """The scalar head applied to the last hidden states at flat `positions` ([K] fp32). Unlike transformers'
-    own sequence-classification forward, which takes the last token that is not the pad id (wrong when pad ==
-    EOS and the sequence ends with EOS), the positions come from the attention mask or the batch layout."""
-    body, head = score_parts(model)
-    hidden = body(**model_inputs(model, batch), use_cache=False).last_hidden_state.flatten(0, 1)[positions]
-    return head(hidden).squeeze(-1).float()
+    """The scalar head's output at flat `positions` ([K] fp32), from the model's own forward (so any DDP / FSDP /
+    DeepSpeed wrapper sees it). Unlike transformers' own sequence-classification pooling, which takes the last
+    token that is not the pad id (wrong when pad == EOS and the sequence ends with EOS), the positions come from
+    the attention mask or the batch layout."""
+    captured: dict = {}
+
+    def keep(_module, _inputs, output):
+        captured["scores"] = output.flatten(0, 1)[positions]
+
+    handle = score_head(model).register_forward_hook(keep)
+    try:
+        model(**model_inputs(model, batch), use_cache=False)
+    finally:
+        handle.remove()
+    return captured["scores"].squeeze(-1).float()
 
 
 def sequence_scores(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -25,22 +25,10 @@ log = logging.getLogger("posttrain")
 
 # ---------------------------------------------------------------- model structure and precision
 
-# Model types whose CausalLM forward is exactly `lm_head(body(...))`: for these the head is applied only
-# to trained positions (prompt and padding rows of the logits are never built). Others use the full forward.
+# Model types whose CausalLM forward is exactly `lm_head(last hidden state)`: for these forward.py applies the
+# head to trained positions only and computes log-probs chunk by chunk. Others use the full forward.
 PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "gpt2", "phi",
                      "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2"}
-
-
-def plain_head_parts(model: nn.Module):
-    """(body, head) when the trained positions can be selected before the LM head, else None."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # the forward must go through the wrapper
-        return None
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(hf.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return None
-    body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    head = hf.get_output_embeddings()
-    return (body, head) if body is not None and head is not None else None
 
 
 def fast_bf16() -> bool:
@@ -114,6 +102,26 @@ def resolve_dtype(setting: str | torch.dtype | None, device: torch.device | str,
         raise ConfigError(f"{flag} {setting}: fp16 is for GPUs; on a CPU use {flag} fp32"
                           + (" or bf16" if fast_bf16() else ""))
     return dtype
+
+
+def trained_dtype(config) -> torch.dtype:
+    """The dtype a training run loads its trained model in: fp32 (the master weights under train.bf16 autocast)
+    unless `dtype:` asks for bf16 (pure bf16 training) or, with LoRA only, fp16 (the frozen base; peft keeps the
+    adapter in fp32)."""
+    if config.dtype in ("auto", "fp32"):
+        return torch.float32
+    if config.dtype == "fp16" and config.method != "lora":
+        raise ConfigError("dtype: fp16 cannot train full or freeze fine-tuning (fp16 weights updated without loss "
+                          "scaling lose small updates); use dtype: bf16, or dtype: auto with train.bf16")
+    return DTYPE_NAMES[config.dtype]
+
+
+def frozen_dtype(config) -> torch.dtype:
+    """The dtype of a training run's frozen models (a reference copy, a reward model): `dtype:` when set, else
+    the compute dtype: bf16 under train.bf16, fp32 otherwise."""
+    if config.dtype != "auto":
+        return DTYPE_NAMES[config.dtype]
+    return torch.bfloat16 if use_bf16(config.train.bf16) else torch.float32
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -366,10 +374,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- saving
 
-def save_pretrained(model, tokenizer, out: Path, task: str = "causal") -> None:
-    """Write the model (or adapter), tokenizer and, for causal LMs, a generation config that stops."""
+def save_pretrained(model, tokenizer, out: Path, task: str = "causal", state_dict: dict | None = None) -> None:
+    """Write the model (or adapter), tokenizer and, for causal LMs, a generation config that stops. `state_dict`:
+    the weights to write when the module itself holds only shards (a gathered FSDP / ZeRO-3 state)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out)
     if task == "causal":
         generation_config_for(model, tokenizer).save_pretrained(out)

@@ -74,7 +74,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
         batch = online.batch_of(trainer, ctx, ro, indices)
         lengths = [ro.response_tokens[i] for i in indices]
         with acc.autocast():
-            logps, logits, _ = model(batch, temperature, values=False)
+            logps, entropy, _ = model(batch, temperature, values=False)
         old = online.gather(old_logps, indices).to(logps.device) if old_logps else logps.detach()
         adv = torch.repeat_interleave(advantages[indices].to(logps.device), torch.tensor(lengths, device=logps.device))
         per_token, clipped, _ = ppo_policy_loss(logps, old, adv, cfg.clip, cfg.clip_high)
@@ -89,7 +89,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
         acc.backward(summed * acc.num_processes / total)
         sums["loss"] += float(summed.detach()) / total
         sums["clip_fraction"] += float(clipped.sum())
-        sums["entropy"] += float(online.entropy(logits.detach()).sum())
+        sums["entropy"] += float(entropy.sum())
         sums["tokens"] += float(sum(lengths))
         if epoch == 0:
             for i, part in zip(indices, logps.detach().float().cpu().split(lengths)):

@@ -102,8 +102,9 @@ class PolicyWithValue(nn.Module):
     """The policy and, for PPO, its critic in one module: one optimizer, one DDP wrapper, one checkpoint.
 
     forward(batch, temperature) returns the flat per-token log-probs of the trained (response) tokens under
-    logits / temperature, their logits (for the entropy) and, with a critic, the values at those positions:
-    V_t is read at the position that predicts token t, i.e. the value of the prefix before it."""
+    logits / temperature, the entropy there (no gradient; forward.token_logps never holds [tokens, vocab]
+    logits) and, with a critic, the values at those positions: V_t is read at the position that predicts token
+    t, i.e. the value of the prefix before it."""
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, critic: nn.Module | None = None):
         super().__init__()
@@ -117,19 +118,13 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, batch: dict, temperature: float = 1.0, values: bool = True):
         want_hidden = values and self.value_head is not None
-        out = token_logps(self.policy, batch, temperature, with_hidden=want_hidden)
+        out = token_logps(self.policy, batch, temperature, with_hidden=want_hidden, with_entropy=True)
         value = None
         if want_hidden:
             value = self.value_head(out["hidden"]).squeeze(-1).float()
         elif values and self.critic is not None:  # a sequence classifier's head at every response position
             value = scores_at(self.critic, batch, selection(batch)[0])
-        return out["logps"], out["logits"], value
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of softmax(logits): logsumexp(z) - sum p z."""
-    logz = torch.logsumexp(logits, dim=-1)
-    return logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        return out["logps"], out["entropy"], value
 
 
 # ------------------------------------------------------------------------------------------- context

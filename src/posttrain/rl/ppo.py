@@ -104,11 +104,11 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
     for indices in online.micro_batches(list(range(n)), micro):
         batch = online.batch_of(trainer, ctx, ro, indices)
         with acc.autocast(), torch.no_grad():
-            logps, logits, value = actor(batch, temperature)
+            logps, entropy, value = actor(batch, temperature)
             ref.append(online.reference_logps(ctx, actor, batch, temperature))
         old.append(logps)
         values.append(value)
-        ent.append(online.entropy(logits))
+        ent.append(entropy)
     split = lambda parts: online.split_tokens(torch.cat(parts), ro.response_tokens)  # noqa: E731
     old_logps, old_values, ref_logps, entropies = split(old), split(values), split(ref), split(ent)
 

@@ -10,16 +10,14 @@ import math
 import torch
 from torch import nn
 
-from ..forward import selected_logits, selection
-from ..losses import token_nll_sum
+from ..forward import token_logps
 
 
 def lm_loss(model: nn.Module, batch: dict, ctx=None) -> tuple[torch.Tensor, int, dict]:
-    """Summed NLL over the trained tokens of a batch, how many there are, no extra metrics."""
-    positions, targets, _, _ = selection(batch)
-    logits, _ = selected_logits(model, batch, positions)
-    total, count = token_nll_sum(logits, targets)
-    return total, count, {}
+    """Summed NLL over the trained tokens of a batch (losses.token_nll_sum's formula, L = -sum_t log p(target_t),
+    from forward.token_logps, which never holds [tokens, vocab] logits), how many there are, no extra metrics."""
+    logps = token_logps(model, batch)["logps"]
+    return -logps.sum(), int(logps.numel()), {}
 
 
 @torch.no_grad()
