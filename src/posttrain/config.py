@@ -95,7 +95,13 @@ class TrainConfig(Section):
                           "Default: on, except for ppo and grpo, whose prompt batches are drawn at random (the "
                           "padding saved is small next to generation, and prompts of one length are often one "
                           "kind of task: a whole batch of easy or of hard prompts).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (every "
+                                                            "trained model: the policy and a separate PPO critic).")
+    optim: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="`adamw`: torch AdamW (fused). `adamw_8bit`: bitsandbytes' 8-bit AdamW (the two moment "
+                             "states in 8 bits: 2 bytes per parameter instead of 8); needs bitsandbytes (`pip install "
+                             "'posttrain[gpu]'`). Not under DeepSpeed, which brings its own optimizer "
+                             "handling.")
     log_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end). "
                                                           "Default: at the end of every epoch.")
@@ -152,8 +158,10 @@ class FreezeConfig(Section):
 class RewardConfig(Section):
     center_coef: float = Field(0.0, ge=0, description="Reward centering: adds c * mean((r_chosen + r_rejected)^2) "
                                                       "to the loss (about 0.01 when used).")
-    prefix_sharing: bool = Field(False, description="Run the shared prompt once per pair instead of twice "
-                                                    "(same rewards and gradients, fewer tokens).")
+    prefix_sharing: bool | Literal["auto"] = Field(
+        "auto", description="Run the shared prompt once per pair instead of twice (same rewards and gradients, "
+                            "fewer tokens). `auto`: on where it is exact, i.e. with sdpa or eager attention (an "
+                            "explicit attention mask); off for kernels that cannot take one (flash attention).")
 
 
 class ReferenceConfig(Section):
@@ -184,8 +192,10 @@ class DPOConfig(ReferenceConfig):
                                                             "pairs; TRL's ORPO takes one token mean over prompt and "
                                                             "response tokens of the batch). Default: 1 for orpo, 0 "
                                                             "otherwise.")
-    prefix_sharing: bool = Field(False, description="Run the shared prompt once per pair instead of twice "
-                                                    "(same losses and gradients, fewer tokens).")
+    prefix_sharing: bool | Literal["auto"] = Field(
+        "auto", description="Run the shared prompt once per pair instead of twice (same losses and gradients, "
+                            "fewer tokens). `auto`: on where it is exact, i.e. with sdpa or eager attention (an "
+                            "explicit attention mask); off for kernels that cannot take one (flash attention).")
 
 
 class KTOConfig(ReferenceConfig):
@@ -331,6 +341,17 @@ class Config(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory / hub.")
     attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2, ... "
                                                               "Default: transformers' choice.")
+    device: str = Field("auto", description="Where the models live: `auto` (a CUDA GPU, else Apple MPS, else the "
+                                            "CPU), `cuda`, `cuda:N`, `mps` or `cpu`. Under `accelerate launch` each "
+                                            "process takes its own GPU. A device this machine lacks is an error.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="The dtype weights are loaded in. `auto`: trained weights in fp32 (the master copy under "
+                            "train.bf16 autocast), frozen copies (reference, reward model) in the compute dtype "
+                            "(bf16 under train.bf16, else fp32). `bf16`: every weight in bf16: pure bf16 training "
+                            "(AdamW state in bf16 too, half the memory of fp32 master weights); with LoRA the frozen "
+                            "base is bf16 and the adapter fp32. `fp16`: for GPUs without bf16: frozen weights and a "
+                            "LoRA base in fp16 (full fine-tuning of fp16 weights is refused). `fp32`: all fp32. bf16 "
+                            "on a CPU without native bf16, or fp16 on a CPU, is an error.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)

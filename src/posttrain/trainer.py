@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,12 +60,7 @@ class Trainer:
         if self.gradual:  # the optimizer must know every parameter that will ever be unfrozen
             set_trainable_layers(model, len(decoder_layers(model)))
         self.param_names = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # PPO's critic (a value head or a separate value model) is clipped on its own (see clip_gradients) and
-        # may have its own learning rate
-        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.actor_params = [p for n, p in trained if not n.startswith(CRITIC)]
-        self.critic_params = [p for n, p in trained if n.startswith(CRITIC)]
+        self._collect_params()
         self.optimizer = self._optimizer()
         self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
@@ -87,9 +82,18 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         # the scheduler is stepped by us once per optimizer step, so it is not handed to accelerate
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self._collect_params()  # FSDP2 and DeepSpeed replace the parameters with sharded ones
         self._apply_unfreeze(0)
 
     # ------------------------------------------------------------ setup helpers
+    def _collect_params(self) -> None:
+        """The trained parameters, in the model's order. PPO's critic (a value head or a separate value model) is
+        clipped on its own (see clip_gradients) and may have its own learning rate."""
+        trained = [(n, p) for n, p in self.raw_model.named_parameters() if n in self.param_names]
+        self.params = [p for _, p in trained]
+        self.actor_params = [p for n, p in trained if not n.startswith(CRITIC)]
+        self.critic_params = [p for n, p in trained if n.startswith(CRITIC)]
+
     def _optimizer(self) -> torch.optim.Optimizer:
         critic_lr = (self.config.ppo.value_lr or 10 * self.train_cfg.lr) if self.config.stage == "ppo" else self.train_cfg.lr
         groups = []
@@ -98,10 +102,25 @@ class Trainer:
                         "lr": lr},
                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         params = self.actor_params + self.critic_params
+        groups, betas = [g for g in groups if g["params"]], tuple(self.train_cfg.adam_betas)
+        if self.train_cfg.optim == "adamw_8bit":
+            return adamw_8bit(groups, self.train_cfg.lr, betas, self.accelerator)
         # the fused kernel is much faster than the per-parameter loop on CPU and GPU alike
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr,
-                                 betas=tuple(self.train_cfg.adam_betas), fused=fused)
+        return torch.optim.AdamW(groups, lr=self.train_cfg.lr, betas=betas, fused=fused)
+
+    @contextmanager
+    def micro_batch(self, last: bool):
+        """One micro-batch of an accumulated update, as accelerate's `accumulate` does it but with the count given
+        (an offline step's micro-batches, an RL mini-batch's): gradients are synchronised only on the last one
+        (DDP's all-reduce and FSDP's reduce-scatter skipped before it; DeepSpeed steps once, at its end)."""
+        acc = self.accelerator
+        acc.sync_gradients = last
+        try:
+            with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(self.model):
+                yield
+        finally:
+            acc.sync_gradients = True
 
     def clip_gradients(self) -> tuple[float, float | None]:
         """Clip to train.max_grad_norm; returns the norms before clipping (the model's, the critic's). A PPO
@@ -150,9 +169,7 @@ class Trainer:
         loss_sum, metric_sums = 0.0, {}
         tokens = sum(self.lengths[i] for b in step_batches for i in b)  # real tokens, padding excluded
         for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = nullcontext() if last or world == 1 else self.accelerator.no_sync(self.model)
-            with sync:
+            with self.micro_batch(last=i == len(batches) - 1):
                 with self.accelerator.autocast():
                     summed, _, metrics = self.stage.loss(self.model, batch, self.ctx)
                 # DDP averages gradients over processes; scaling by world keeps sum / all items
@@ -349,3 +366,17 @@ def _read_lines(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut short by the crash
             continue
     return rows
+
+
+def adamw_8bit(groups: list[dict], lr: float, betas: tuple, accelerator) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit moment states (blockwise quantised; tensors under 4096 values keep 32-bit
+    states), or a one-line error where it cannot run."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("train.optim: adamw_8bit does not combine with DeepSpeed (ZeRO partitions the optimizer "
+                          "state itself); use train.optim: adamw")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("train.optim: adamw_8bit needs bitsandbytes (pip install 'posttrain[gpu]'); or use "
+                          "train.optim: adamw") from None
+    return bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=betas)
