@@ -9,7 +9,7 @@ import torch
 
 from ..data.pairs import collate_pairs
 from ..losses import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_rewards
-from ..forward import check_explicit_mask_kernel, sequence_logps
+from ..forward import prefix_sharing_on, sequence_logps
 from ..reference import Reference
 from .base import Stage
 from .pairwise import StageContext, encode_pairs, evaluate_with_loss, pair_tokens, precompute_reference
@@ -17,16 +17,15 @@ from .prefix import collate_shared_prefix
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
-    if config.dpo.prefix_sharing:
-        check_explicit_mask_kernel(model, "dpo.prefix_sharing")
+    shared = prefix_sharing_on(config.dpo.prefix_sharing, model, "dpo.prefix_sharing")
     reference = None
     if config.dpo.loss not in REFERENCE_FREE_LOSSES:
         reference = Reference.build(config.dpo.strategy, config, tokenizer, accelerator.device)
-    return StageContext(config, reference, {"pad_id": tokenizer.pad_token_id})
+    return StageContext(config, reference, {"pad_id": tokenizer.pad_token_id, "prefix_sharing": shared})
 
 
 def collate(features, pad_id, ctx):
-    if ctx is not None and ctx.config.dpo.prefix_sharing:
+    if ctx is not None and ctx.extra.get("prefix_sharing"):
         return collate_shared_prefix(features, pad_id)
     return collate_pairs(features, pad_id)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.pairs import collate_pairs
-from ..forward import check_explicit_mask_kernel, sequence_scores
+from ..forward import prefix_sharing_on, sequence_scores
 from ..losses import bradley_terry
 from .base import Stage
 from .pairwise import StageContext, encode_pairs, evaluate_with_loss, pair_tokens
@@ -19,13 +19,12 @@ from .prefix import collate_shared_prefix
 
 
 def setup(config, model, tokenizer, accelerator) -> StageContext:
-    if config.rm.prefix_sharing:
-        check_explicit_mask_kernel(model, "rm.prefix_sharing")
-    return StageContext(config)
+    shared = prefix_sharing_on(config.rm.prefix_sharing, model, "rm.prefix_sharing")
+    return StageContext(config, extra={"prefix_sharing": shared})
 
 
 def collate(features, pad_id, ctx):
-    if ctx is not None and ctx.config.rm.prefix_sharing:
+    if ctx is not None and ctx.extra.get("prefix_sharing"):
         return collate_shared_prefix(features, pad_id)
     return collate_pairs(features, pad_id)
 
