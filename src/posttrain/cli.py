@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import PosttrainError
@@ -392,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy, level in QUIET.items():
         logging.getLogger(noisy).setLevel(level)
     logging.getLogger("DeepSpeed").addFilter(lambda record: "unable to detect it" not in record.getMessage())
+    warnings.filterwarnings("ignore", r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated",
+                            FutureWarning)  # transformers 5 about names peft and we still call; nothing to do
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it too, when it is imported
     try:
