@@ -61,8 +61,11 @@ def models(make_model, tmp_path_factory):
     return made
 
 
-def export(model_dir, out, quant="f16", *extra):
-    return run_cli("export", "--model", model_dir, "--format", "gguf", "--quant", quant, "--out", out, *extra)
+def export(model_dir, out, quant="f16"):
+    """`posttrain export --format gguf` in this process (the CLI itself is run by the tests further down)."""
+    from posttrain.export import export as export_model
+
+    return export_model(str(model_dir), str(out), format="gguf", quant=quant)
 
 
 def read_back(path):
@@ -158,7 +161,8 @@ def test_quantised_file_keeps_perplexity_within_tolerance(sft_model, tmp_path, q
 
 def test_ollama_modelfile_has_an_equivalent_chatml_template(models, tmp_path):
     out = tmp_path / "ollama" / "model.gguf"
-    result = export(models["qwen2"], out, "q8_0", "--ollama")
+    result = run_cli("export", "--model", models["qwen2"], "--format", "gguf", "--quant", "q8_0", "--ollama",
+                     "--out", out)
     assert "Modelfile" in result.stdout and "note:" not in result.stdout
     text = (out.parent / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\n")
@@ -312,6 +316,13 @@ def test_other_architectures_round_trip(sentencepiece_tokenizer, tmp_path, arch)
     export(source_dir, out, "f16")
     gguf_model, _ = read_back(out)
     source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    from gguf import GGUFReader
+
+    fields = GGUFReader(out).fields
+    prefix = fields["general.architecture"].contents()
+    rope = source.config.rope_parameters  # Gemma 3: one per layer type, full attention at 1e6
+    full_theta = rope.get("full_attention", rope)["rope_theta"]
+    assert fields[f"{prefix}.rope.freq_base"].contents() == pytest.approx(full_theta)
     ids = [tokenizer.bos_token_id, 5, 40, 300, 17, 99, 250, 3, 8]
     with torch.no_grad():
         torch.testing.assert_close(gguf_model(torch.tensor([ids])).logits, source(torch.tensor([ids])).logits,

@@ -178,14 +178,19 @@ def model_tensors(model, arch: Arch):
 
 # ---------------------------------------------------------------- hyper-parameters
 
-def rope_theta(config) -> float:
+def rope_thetas(config) -> tuple[float, float | None]:
+    """(rotary base, base of the sliding-window layers if they have their own). transformers 5 keeps one
+    `rope_parameters` dict, or one per layer type (Gemma 3: sliding_attention / full_attention)."""
     params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"GGUF export: rope scaling '{kind}' is not supported by this exporter (only plain "
-                          f"rotary embeddings); use --format hf")
-    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    per_type = params if "full_attention" in params else {"full_attention": params}
+    for p in per_type.values():
+        kind = p.get("rope_type") or "default"
+        if kind != "default":
+            raise ConfigError(f"GGUF export: rope scaling '{kind}' is not supported by this exporter (only plain "
+                              f"rotary embeddings); use --format hf")
+    theta = per_type["full_attention"].get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    sliding = per_type.get("sliding_attention", {}).get("rope_theta")
+    return float(theta), (float(sliding) if sliding else None)
 
 
 def write_hparams(writer, config, arch: Arch, name: str) -> None:
@@ -207,7 +212,10 @@ def write_hparams(writer, config, arch: Arch, name: str) -> None:
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(rope_theta(config))
+    theta, sliding_theta = rope_thetas(config)
+    writer.add_rope_freq_base(theta)
+    if sliding_theta is not None:
+        writer.add_rope_freq_base_swa(sliding_theta)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // heads or arch.gguf_name.startswith("GEMMA"):
         writer.add_key_length(head_dim)
