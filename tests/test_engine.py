@@ -1,5 +1,7 @@
-"""The generation engine against transformers itself: greedy parity with model.generate, recorded log-probs
-against a plain forward, seeds, stop tokens and strings, LoRA adapters, and `posttrain generate` via the CLI."""
+"""The generation engine against transformers itself: greedy parity with model.generate (also while rows join and
+leave the batch), recorded log-probs against a plain forward, the sampler's distribution against the exact one,
+per-row settings and seeds in one batch, stop tokens and strings, penalties / logit bias / min_tokens /
+ignore_eos, LoRA adapters, dtype, and `posttrain generate` via the CLI."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli, write_jsonl
-from posttrain.engine import Engine, SamplingParams, top_p_filter
+from posttrain.engine import Engine, Row, SamplingParams
+from posttrain.sampler import RowSampler, row_key
 from posttrain.modeling import load_tokenizer
 
 PROMPTS = ["The kitchen opens", "Two plus three is five. Seven minus", "Reverse"]
@@ -87,15 +90,79 @@ def test_same_seed_same_samples_different_seed_different(engine):
     assert first[0] != first[1] or first[2] != first[3]  # the n samples of a prompt are not copies
 
 
-def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus(engine):
+def test_top_k_one_and_tiny_temperature_or_top_p_are_greedy(engine):
     prompts = encode(engine)
-    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
-    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, seed=5))
-    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(top_p_filter(logits, 0.75))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.75, 0.5 + 0.3 reaches it
-    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1  # always at least the top token
+    greedy = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))]
+    for params in (SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, seed=5),
+                   SamplingParams(max_new_tokens=8, temperature=1e-38, seed=5),  # was a 500 in the server
+                   SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-46, seed=5)):
+        completions = engine.generate(prompts, params)
+        assert [c.token_ids for c in completions] == greedy, params
+        assert all(all(lp <= 0 and lp == lp for lp in c.logprobs) for c in completions)  # no NaN
+
+
+def exact_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution top-k then top-p sampling at `temperature` must draw from, written the plain way."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    kept_k = order[:top_k] if top_k else order
+    within = probs[kept_k] / probs[kept_k].sum()
+    before = within.cumsum(0) - within
+    keep[kept_k[(before < top_p) | (torch.arange(len(kept_k)) == 0)]] = True
+    return torch.where(keep, probs, 0.0) / probs[keep].sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 3, 1.0), (1.0, 4, 0.6)])
+def test_sampler_draws_the_exact_filtered_distribution(temperature, top_k, top_p):
+    """20,000 rows, each with its own random stream, one draw each: the frequencies match the exact
+    probabilities within 5 standard errors, and tokens outside the kept set never appear."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, 0.7, -3.0])
+    rows = [Row([1], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), row_key(7, i))
+            for i in range(20_000)]
+    sampler = RowSampler.build(rows, len(logits), stop_ids=[], device="cpu")
+    tokens, logprobs, _, _ = sampler.sample(logits.repeat(len(rows), 1))
+    expected = exact_distribution(logits, temperature, top_k, top_p)
+    observed = torch.bincount(tokens, minlength=len(logits)).double() / len(rows)
+    error = (expected * (1 - expected) / len(rows)).sqrt()
+    assert ((observed - expected).abs() <= 5 * error + 1e-12).all(), (observed, expected)
+    assert (observed[expected == 0] == 0).all()
+    # the recorded log-prob is the unfiltered distribution at the temperature
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits / temperature, -1)[tokens], atol=1e-5, rtol=0)
+
+
+def test_penalties_logit_bias_min_tokens_and_ignore_eos(engine):
+    prompts = encode(engine)
+    favourite = engine.tokenizer.convert_tokens_to_ids("a")
+    biased = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0,
+                                                     logit_bias={favourite: 100.0}))
+    assert all(c.token_ids == [favourite] * 6 for c in biased)
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0))
+    assert any(len(set(c.token_ids)) < len(c.token_ids) for c in plain)  # greedy repeats itself here
+    penalised = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0, frequency_penalty=50.0))
+    presence = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0, presence_penalty=50.0))
+    for completions in (penalised, presence):
+        for c in completions:
+            body = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+            assert len(set(body)) == len(body), c.token_ids  # a used token is never chosen again
+
+    end_of_turn = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def force_end_of_turn(module, inputs, output):  # the end-of-turn token wins wherever it is allowed
+        output[..., end_of_turn] += 1e4
+        return output
+
+    handle = engine.model.lm_head.register_forward_hook(force_end_of_turn)
+    try:
+        stopped = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1))
+        late = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, min_tokens=5))
+        ignored = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
+    finally:
+        handle.remove()
+    assert all(c.token_ids == [end_of_turn] and c.finish_reason == "stop" for c in stopped)
+    for c in late:  # the stop token is masked until 5 tokens exist, then wins
+        assert len(c.token_ids) == 6 and end_of_turn not in c.token_ids[:5] and c.token_ids[5] == end_of_turn
+    assert all(c.token_ids == [end_of_turn] * 8 and c.finish_reason == "length" for c in ignored)
 
 
 def test_stop_strings_cut_the_text_and_never_leak(engine):
@@ -141,17 +208,24 @@ def test_end_of_turn_token_stops_and_is_kept_out_of_the_text(engine):
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn in engine.stop_token_ids and tokenizer.eos_token_id in engine.stop_token_ids
 
-    def force_end_of_turn(module, inputs, output):  # on decode steps (one new token) only
-        if output.shape[1] == 1:
+    fed = {}
+
+    def remember_input(module, args, kwargs):
+        fed["width"] = kwargs["input_ids"].shape[1]
+
+    def force_end_of_turn(module, inputs, output):  # on decode steps (one new token fed) only
+        if fed["width"] == 1:
             output[..., end_of_turn] += 1e4
         return output
 
-    handle = engine.model.lm_head.register_forward_hook(force_end_of_turn)
+    handles = [engine.model.register_forward_pre_hook(remember_input, with_kwargs=True),
+               engine.model.lm_head.register_forward_hook(force_end_of_turn)]
     try:
         completions = engine.chat([[{"role": "user", "content": "hello"}], [{"role": "user", "content": "hi"}]],
                                   SamplingParams(max_new_tokens=10, temperature=0.9, seed=0))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     for completion in completions:
         assert completion.finish_reason == "stop"
         assert len(completion.token_ids) == 2 and completion.token_ids[-1] == end_of_turn
@@ -260,13 +334,71 @@ def test_top_logprobs_list_the_most_likely_tokens_at_each_step(engine):
     assert all(c.top_logprobs == [] for c in plain)
 
 
-def test_decode_rows_can_be_ended_early_by_the_caller(engine):
-    prompts = encode(engine)
+def test_rows_join_and_leave_the_batch_with_the_answers_of_a_static_batch(engine):
+    """max_rows=2 over five prompts: rows join as others finish. Greedy tokens equal the all-at-once batch and
+    transformers' generate; sampled rows with per-row settings equal each row decoded alone (same seeds)."""
+    texts = PROMPTS + ["Our soup of the day", "abc"]
+    prompts = encode(engine, texts)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    together = [c.token_ids for c in engine.generate(prompts, params)]
+    scheduler = engine.scheduler(max_rows=2)
+    rows = engine.rows(prompts, params)
+    scheduler.add(rows)
+    sizes = []
+    while scheduler.busy:
+        scheduler.step()
+        sizes.append(len(scheduler.running))
+    assert [r.token_ids for r in rows] == together and max(sizes) == 2 and scheduler.stats["prefills"] >= 3
+    engine.tokenizer.padding_side = "left"
+    batch = engine.tokenizer(texts, return_tensors="pt", padding=True)
+    theirs = engine.model.generate(**batch, do_sample=False, max_new_tokens=10, eos_token_id=engine.stop_token_ids,
+                                   pad_token_id=engine.pad_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    assert all(t[:len(ours)] == ours for ours, t in zip(together, theirs))
+
+    settings = [SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=11),
+                SamplingParams(max_new_tokens=4, temperature=0),
+                SamplingParams(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=2**70),  # a seed beyond 64 bits
+                SamplingParams(max_new_tokens=7, temperature=1.0, seed=-3, presence_penalty=0.5),
+                SamplingParams(max_new_tokens=10, temperature=0.5, seed=11, top_logprobs=2)]
+    alone = [engine.generate([p], s)[0].token_ids for p, s in zip(prompts, settings)]
+    mixed = engine.scheduler(max_rows=3)
+    rows = [engine.rows([p], s)[0] for p, s in zip(prompts, settings)]
+    mixed.add(rows[:2])
+    mixed.step()
+    mixed.step()
+    mixed.add(rows[2:])  # joining a running batch
+    while mixed.busy:
+        mixed.step()
+    assert [r.token_ids for r in rows] == alone
+
+
+def test_same_seed_same_answer_under_any_load_and_rows_can_be_cancelled(engine):
+    prompt = encode(engine)[1]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=1234, n=2)
+    alone = [c.token_ids for c in engine.generate([prompt], params)]
+    noise = engine.rows(encode(engine, ["The kitchen opens at nine", "x y z"]),
+                        SamplingParams(max_new_tokens=30, temperature=1.0))
+    scheduler = engine.scheduler(max_rows=8)
+    scheduler.add(noise)
+    for _ in range(3):
+        scheduler.step()
+    rows = engine.rows([prompt], params)
+    scheduler.add(rows)
     steps = 0
-    for rows in engine.decode(prompts, SamplingParams(max_new_tokens=20, temperature=0)):
+    while scheduler.busy:
+        scheduler.step()
         steps += 1
-        for row in rows:
-            if row.finish_reason is None and len(row.token_ids) >= 2:
-                row.finish_reason = "cancelled"
-    assert steps == 2
-    assert [engine.finish(row).finish_reason for row in rows] == ["cancelled"] * 3
+        if steps == 2:
+            noise[0].finish_reason = "cancelled"  # the caller ends a row: it leaves the batch
+    assert [r.token_ids for r in rows] == alone and alone[0] != alone[1]
+    assert noise[0].finish_reason == "cancelled" and len(noise[0].token_ids) == 5
+    assert noise[0] not in scheduler.running
+
+
+def test_engine_load_places_the_model_on_a_device_in_a_dtype(varied_model):
+    engine = Engine.load(varied_model, device="cpu", dtype=torch.bfloat16)
+    assert engine.device == torch.device("cpu") and next(engine.model.parameters()).dtype == torch.bfloat16
+    completion = engine.generate(encode(engine)[:1], SamplingParams(max_new_tokens=4, temperature=0.9, seed=0))[0]
+    assert 1 <= len(completion.token_ids) <= 4 and all(lp <= 0 for lp in completion.logprobs)
+    default = Engine.load(varied_model)  # "auto": this machine has no GPU, so the CPU in fp32
+    assert default.device == torch.device("cpu") and next(default.model.parameters()).dtype == torch.float32

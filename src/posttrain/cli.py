@@ -119,9 +119,9 @@ def _serve(args) -> None:
     from .serve import serve
 
     serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
-          chat_template=args.chat_template, dtype=args.dtype, batch_window_ms=args.batch_window_ms,
-          max_batch_wait_ms=args.max_batch_wait_ms, rag=args.rag, rag_k=args.rag_k, rag_mode=args.rag_mode,
-          rag_template=args.rag_template, quantize=args.quantize)
+          chat_template=args.chat_template, dtype=args.dtype, max_rows=args.max_rows,
+          max_request_bytes=args.max_request_bytes, cors=args.cors, backend=args.backend, rag=args.rag,
+          rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize)
 
 
 def _chat(args) -> None:
@@ -271,12 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="NAME=DIR", help="serve a LoRA adapter as model NAME")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--batch-window-ms", type=float, default=10,
-                   help="a batch waits this long after the latest request for more to join")
-    p.add_argument("--max-batch-wait-ms", type=float, default=50, help="... and at most this long in all")
+    p.add_argument("--max-rows", type=int, default=64,
+                   help="most sequences decoded together (continuous batching: requests join and leave at every "
+                        "step; one request's prompts x n count too)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get a 413")
+    p.add_argument("--cors", action="append", metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; * for any) to call the server")
+    p.add_argument("--backend", choices=["engine", "vllm"], default="engine",
+                   help="engine: posttrain's own; vllm: vLLM's OpenAI server (GPU, vLLM installed)")
     add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_serve)

@@ -1,8 +1,12 @@
 """`posttrain serve`: an OpenAI-compatible HTTP server over the generation engine.
 
-protocol.py holds the request bodies, batcher.py the worker thread that owns the model and batches requests,
-responses.py the response shapes, app.py the routes. LoRA adapters are served vLLM's way: one peft model holds
-every adapter under its served name, a batch runs under one of them (or with adapters disabled for the base).
+protocol.py holds the request bodies, batcher.py the worker thread that owns the model and batches requests
+continuously, responses.py the response shapes, tools.py the tool-call parsers, app.py the routes. LoRA adapters
+are served vLLM's way: one peft model holds every adapter under its served name, and each row of a batch runs
+under its own (peft's mixed-adapter batches; "__base__" for the base).
+
+`--backend vllm` hands the whole job to vLLM's own OpenAI-compatible server (backends/vllm.py) where vLLM is
+installed (a GPU machine).
 """
 from __future__ import annotations
 
@@ -34,12 +38,12 @@ def parse_loras(values: list[str]) -> dict[str, str]:
 
 
 def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", chat_template: str | None = None,
-                quantize: str | None = None):
+                quantize: str | None = None, device: str | torch.device | None = None):
     from ..engine import Engine
     from ..modeling import check_adapter, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, chat_template=chat_template)
-    network = load_model(model, tokenizer=tokenizer, dtype=DTYPES[dtype])
+    network = load_model(model, tokenizer=tokenizer, dtype=DTYPES[dtype], device=device)
     if adapters:
         from peft import PeftModel
 
@@ -49,26 +53,40 @@ def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", ch
         network = PeftModel.from_pretrained(network, first_dir, adapter_name=first)
         for name, path in rest:
             network.load_adapter(path, adapter_name=name)
+    if device is not None:
+        network = network.to(device)
     from ..quantize import quantize_weights
 
     return Engine(quantize_weights(network.eval(), quantize), tokenizer)
 
 
 def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          chat_template: str | None = None, dtype: str = "float32", batch_window_ms: float = 10,
-          max_batch_wait_ms: float = 50, rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None,
-          rag_template: str | None = None, quantize: str | None = None) -> None:
+          chat_template: str | None = None, dtype: str = "float32", max_rows: int = 64,
+          max_request_bytes: int = 4 * 1024 * 1024, cors: list[str] | None = None, backend: str = "engine",
+          rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None, rag_template: str | None = None,
+          quantize: str | None = None, device: str | None = None) -> None:
+    adapters = parse_loras(loras)
+    if model in adapters:
+        raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key is empty: give a key, or leave the option out to serve without one")
+    if max_rows < 1 or max_request_bytes < 1024:
+        raise ConfigError("--max-rows must be at least 1 and --max-request-bytes at least 1024")
+    if backend == "vllm":
+        from ..backends.vllm import serve_vllm
+
+        if rag or quantize:
+            raise ConfigError(f"--backend vllm: {'--rag' if rag else '--quantize'} is served by the engine backend "
+                              "only")
+        serve_vllm(model, adapters, host=host, port=port, api_key=api_key, chat_template=chat_template, dtype=dtype,
+                   max_rows=max_rows, cors=cors)
+        return
     import uvicorn
 
     from .app import Server, create_app
 
-    adapters = parse_loras(loras)
-    if model in adapters:
-        raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
-    if batch_window_ms < 0 or max_batch_wait_ms < batch_window_ms:
-        raise ConfigError("--batch-window-ms must be >= 0 and --max-batch-wait-ms at least as long")
-    server = Server(load_engine(model, adapters, dtype, chat_template, quantize), model, adapters, api_key=api_key,
-                    batch_window_s=batch_window_ms / 1000, max_batch_wait_s=max_batch_wait_ms / 1000)
+    server = Server(load_engine(model, adapters, dtype, chat_template, quantize, device), model, adapters,
+                    api_key=api_key, max_rows=max_rows, max_request_bytes=max_request_bytes, cors=cors)
     if rag:  # the last user message retrieves from this index (see rag/prompt.py)
         from ..rag.prompt import load_augmenter
 

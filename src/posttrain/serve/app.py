@@ -1,7 +1,11 @@
-"""The HTTP routes: OpenAI's /v1 API plus the tokenizer routes lm-evaluation-harness and vLLM clients probe.
+"""The HTTP routes: OpenAI's /v1 API, the tokenizer routes lm-evaluation-harness and vLLM clients probe, /health
+and /metrics (Prometheus text).
 
 Every handler validates the request completely before queueing it (see protocol.py for the bodies), so a bad
-request is a 400 (404 for an unknown model) in OpenAI's error shape, and only the batcher touches the model.
+request is a 400 (404 for an unknown model, 413 for a body over --max-request-bytes) in OpenAI's error shape,
+and only the batcher touches the model. Tokenizing and chat templating run in worker threads, off the event
+loop, so a large prompt cannot stall other clients' streams. With --api-key every route but /health and
+/metrics needs it, the tokenizer routes included.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +25,9 @@ from ..errors import ConfigError
 from . import responses as r
 from .batcher import Batcher, Job
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tools import parse_tool_calls
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 log = logging.getLogger("posttrain")
 
@@ -31,8 +38,10 @@ class Server:
     rag = None  # `serve --rag`: a rag.prompt.Augmenter, messages -> (messages with context, citations)
 
     def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None,
-                 batch_window_s: float = 0.01, max_batch_wait_s: float = 0.05):
+                 max_rows: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES, cors: list[str] | None = None):
         self.engine = engine
+        self.max_request_bytes = max_request_bytes
+        self.cors = cors or []
         self.tokenizer = engine.tokenizer
         self.base_name = base_name
         self.adapters = adapters  # served name -> adapter directory
@@ -41,8 +50,7 @@ class Server:
         self.context_length = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                                or 2048)
         self.vocab_size = config.vocab_size
-        self.batcher = Batcher(engine, base_name, list(adapters), window_s=batch_window_s,
-                               max_wait_s=max_batch_wait_s)
+        self.batcher = Batcher(engine, base_name, list(adapters), max_rows=max_rows)
 
     # ------------------------------------------------------------------ checks shared by the routes
 
@@ -69,18 +77,46 @@ class Server:
         return tokens
 
     def params(self, body, max_new_tokens: int, top_logprobs: int = 0) -> SamplingParams:
+        bias = body.bias
+        if any(not 0 <= token < self.vocab_size for token in bias):
+            raise r.APIError(400, f"logit_bias: token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        if body.min_tokens > max_new_tokens:
+            raise r.APIError(400, f"min_tokens ({body.min_tokens}) exceeds the token budget ({max_new_tokens})",
+                             param="min_tokens")
         try:
             return SamplingParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=max(body.top_k, 0), stop=list(body.stop or []), seed=body.seed,
-                                  top_logprobs=top_logprobs)
+                                  top_logprobs=top_logprobs, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty, logit_bias=bias,
+                                  min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
         except ConfigError as exc:
             raise r.APIError(400, str(exc)) from None
 
-    def chat_prompt(self, messages: list[dict], tools) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], tools) -> list[int]:
         try:
-            return self.engine.chat_prompt(messages, tools=tools)
+            return await asyncio.to_thread(self.engine.chat_prompt, messages, tools)
         except ConfigError as exc:
             raise r.APIError(400, str(exc), param="messages") from None
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return (await asyncio.to_thread(self.tokenizer, text, add_special_tokens=add_special_tokens))["input_ids"]
+
+
+async def read_body(server: Server, request: Request) -> bytes:
+    """The request body, refused with a 413 as soon as it exceeds --max-request-bytes (declared or not)."""
+    limit = server.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise r.APIError(413, f"the request body ({declared} bytes) exceeds the server's limit of {limit} bytes "
+                              "(--max-request-bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise r.APIError(413, f"the request body exceeds the server's limit of {limit} bytes "
+                                  "(--max-request-bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse(model, raw: bytes):
@@ -125,18 +161,21 @@ def worker_error(exc: Exception) -> r.APIError:
 # ---------------------------------------------------------------------- chat completions
 
 async def chat_completions(server: Server, request: Request):
-    body = parse(ChatRequest, await request.body())
+    body = parse(ChatRequest, await read_body(server, request))
     server.check_model(body.model)
     messages, citations = [m.for_template() for m in body.messages], None
     if server.rag is not None and body.rag:
         messages, citations = await retrieve(server, messages)
     cited = {"citations": citations} if citations is not None else {}
-    prompt = server.chat_prompt(messages, body.tools)
+    prompt = await server.chat_prompt(messages, body.tools)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream and body.logprobs:
         raise r.APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
     params = server.params(body, server.budget([prompt], body.token_budget), top)
-    job = server.batcher.submit(Job(body.model, [prompt] * body.n, params, stream=body.stream))
+    # with tools a streamed answer is sent whole at the end: its tool calls are known only then
+    tools = bool(body.tools) and body.tool_choice != "none"
+    job = server.batcher.submit(Job(body.model, [prompt] * body.n, params, stream=body.stream and not tools,
+                                    prompt_tokens=len(prompt)))
     id = r.new_id("chatcmpl")
     if body.stream:
         return StreamingResponse(chat_stream(server, job, id, body, len(prompt), cited),
@@ -147,10 +186,17 @@ async def chat_completions(server: Server, request: Request):
         return JSONResponse(r.error_body("client disconnected"), status_code=499)
     except Exception as exc:  # noqa: BLE001
         raise worker_error(exc) from None
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": r.chat_logprobs(server.tokenizer, c) if body.logprobs else None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+    choices = [{"index": i, **message(c, tools), "logprobs": r.chat_logprobs(server.tokenizer, c) if body.logprobs
+                else None} for i, c in enumerate(completions)]
     return r.envelope(id, "chat.completion", body.model, choices, usage=r.usage(len(prompt), completions), **cited)
+
+
+def message(completion, tools: bool) -> dict:
+    """The choice's message and finish_reason; with tools, tool calls in the text become `tool_calls`."""
+    content, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
+    if not calls:
+        return {"message": {"role": "assistant", "content": completion.text}, "finish_reason": completion.finish_reason}
+    return {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": "tool_calls"}
 
 
 async def retrieve(server: Server, messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -174,6 +220,7 @@ async def chat_stream(server: Server, job: Job, id: str, body: ChatRequest, prom
     try:
         for index in range(body.n):
             yield chunk([delta(index, {"role": "assistant", "content": ""})])
+        tools = bool(body.tools) and body.tool_choice != "none"
         async for kind, payload in events(job):
             if kind == "delta":
                 yield chunk([delta(payload[0], {"content": payload[1]})])
@@ -181,7 +228,17 @@ async def chat_stream(server: Server, job: Job, id: str, body: ChatRequest, prom
                 completions = payload
                 for index, completion in enumerate(completions):  # citations go on the final chunk
                     final = index == len(completions) - 1 and not body.include_usage
-                    yield chunk([delta(index, {}, completion.finish_reason)], **(cited if final else {}))
+                    finish = completion.finish_reason
+                    if tools:  # sent whole: content, then the tool calls
+                        answer = message(completion, True)
+                        calls = answer["message"].get("tool_calls")
+                        content = {"content": answer["message"]["content"]} if answer["message"]["content"] else {}
+                        if calls:
+                            content["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+                        if content:
+                            yield chunk([delta(index, content)])
+                        finish = answer["finish_reason"]
+                    yield chunk([delta(index, {}, finish)], **(cited if final else {}))
                 if body.include_usage:
                     yield chunk([], usage=r.usage(prompt_tokens, completions), **cited)
         yield r.sse("[DONE]")
@@ -210,10 +267,10 @@ class StreamError(Exception):
 # ---------------------------------------------------------------------- completions
 
 async def completions(server: Server, request: Request):
-    body = parse(CompletionRequest, await request.body())
+    body = parse(CompletionRequest, await read_body(server, request))
     server.check_model(body.model)
     tokenizer = server.tokenizer
-    prompts = [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in body.prompts]
+    prompts = [await server.tokenize(p) if isinstance(p, str) else p for p in body.prompts]
     if any(len(p) == 0 for p in prompts):
         raise r.APIError(400, "a prompt encodes to no tokens", param="prompt")
     if body.stream and body.logprobs is not None:
@@ -221,10 +278,11 @@ async def completions(server: Server, request: Request):
     params = server.params(body, server.budget(prompts, body.max_tokens or 16), body.logprobs or 0)
     expanded = [p for p in prompts for _ in range(body.n)]  # choice index = prompt index * n + j
     echo_scores = body.logprobs if body.echo and body.logprobs is not None else None
-    job = server.batcher.submit(Job(body.model, expanded, params, stream=body.stream, prompt_logprobs=echo_scores))
+    prompt_tokens = sum(len(p) for p in prompts)
+    job = server.batcher.submit(Job(body.model, expanded, params, stream=body.stream, prompt_logprobs=echo_scores,
+                                    prompt_tokens=prompt_tokens))
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
     id = r.new_id("cmpl")
-    prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         return StreamingResponse(completion_stream(job, id, body, texts, prompt_tokens),
                                  media_type="text/event-stream")
@@ -291,16 +349,22 @@ def create_app(server: Server) -> FastAPI:
         server.batcher.stop()
 
     app = FastAPI(title="posttrain", lifespan=lifespan)
+    if server.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors, allow_methods=["*"], allow_headers=["*"])
 
     def authorized(request: Request) -> None:
         if server.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), server.api_key.encode()):
             raise r.APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                              code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    tokenizer_routes = APIRouter(dependencies=[Depends(authorized)])
 
     @v1.get("/models")
     async def models():
@@ -310,21 +374,15 @@ def create_app(server: Server) -> FastAPI:
                  for name, path in server.adapters.items()]
         return {"object": "list", "data": data}
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_body(ChatRequest))
     async def chat(request: Request):
         return with_sse_errors(await chat_completions(server, request))
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_body(CompletionRequest))
     async def complete(request: Request):
         return with_sse_errors(await completions(server, request))
 
-    app.include_router(v1)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **server.batcher.stats}
-
-    @app.get("/tokenizer_info")
+    @tokenizer_routes.get("/tokenizer_info")
     async def tokenizer_info():
         tokenizer = server.tokenizer
         info = {"tokenizer_class": type(tokenizer).__name__, "model_max_length": server.context_length,
@@ -334,30 +392,87 @@ def create_app(server: Server) -> FastAPI:
             info[f"{name}_token_id"] = getattr(tokenizer, f"{name}_token_id", None)
         return info
 
-    @app.post("/tokenize")
+    @tokenizer_routes.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize(request: Request):
-        body = parse(TokenizeRequest, await request.body())
+        body = parse(TokenizeRequest, await read_body(server, request))
         if body.model is not None:
             server.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise r.APIError(400, "give either `prompt` or `messages`", param="prompt")
         if body.messages is not None:
-            tokens = server.chat_prompt([m.for_template() for m in body.messages], None)
+            tokens = await server.chat_prompt([m.for_template() for m in body.messages], None)
         else:
-            tokens = server.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            tokens = await server.tokenize(body.prompt, body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": server.context_length, "tokens": tokens}
 
-    @app.post("/detokenize")
+    @tokenizer_routes.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
     async def detokenize(request: Request):
-        body = parse(DetokenizeRequest, await request.body())
+        body = parse(DetokenizeRequest, await read_body(server, request))
         if body.model is not None:
             server.check_model(body.model)
         if any(not 0 <= t < server.vocab_size for t in body.tokens):
             raise r.APIError(400, f"token ids must be in [0, {server.vocab_size})", param="tokens")
-        return {"prompt": server.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(server.tokenizer.decode, body.tokens)}
+
+    app.include_router(v1)
+    app.include_router(tokenizer_routes)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **server.batcher.stats}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(prometheus(server.batcher.stats), media_type="text/plain; version=0.0.4")
 
     install_error_handlers(app)
+    install_openapi_bodies(app)
     return app
+
+
+def request_body(model) -> dict:
+    """What /openapi.json says a route takes: the pydantic model's schema (the route parses the body itself, to
+    answer bad bodies in OpenAI's error shape)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def install_openapi_bodies(app: FastAPI) -> None:
+    """Add the request models (and the models they use) to the schema's components."""
+    default = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = default()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+METRICS = (  # stats key, metric name, type, help
+    ("requests", "posttrain_requests_total", "counter", "Generation requests admitted."),
+    ("failed", "posttrain_requests_failed_total", "counter", "Generation requests that failed."),
+    ("cancelled", "posttrain_requests_cancelled_total", "counter", "Requests whose client went away."),
+    ("prompt_tokens", "posttrain_prompt_tokens_total", "counter", "Prompt tokens of admitted requests."),
+    ("completion_tokens", "posttrain_generation_tokens_total", "counter", "Tokens generated."),
+    ("steps", "posttrain_decode_steps_total", "counter", "Decoding steps of the running batch."),
+    ("running_rows", "posttrain_running_rows", "gauge", "Sequences decoding now (the batch size)."),
+    ("waiting_rows", "posttrain_waiting_rows", "gauge", "Sequences queued for a place in the batch."),
+    ("largest_batch", "posttrain_largest_batch_rows", "gauge", "The largest batch decoded so far."),
+)
+
+
+def prometheus(stats: dict) -> str:
+    lines = []
+    for key, name, kind, help_text in METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {stats.get(key, 0)}"]
+    return "\n".join(lines) + "\n"
 
 
 def with_sse_errors(response):
