@@ -11,11 +11,6 @@ from ..modeling import check_adapter, load_tokenizer, resolve_model_path, save_p
 
 log = logging.getLogger("posttrain")
 
-# config.json fields that must agree between an adapter's recorded base and --model
-SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "vocab_size", "n_embd", "n_layer", "n_head")
-
-
 def read_adapter_config(adapter: str) -> dict:
     path = Path(adapter) / "adapter_config.json"
     if not path.is_file():
@@ -23,17 +18,15 @@ def read_adapter_config(adapter: str) -> dict:
     return json.loads(path.read_text())
 
 
-def check_adapter_base(model: str, adapter: str, adapter_config: dict) -> None:
-    """An adapter trained on another base is a one-line error, not a shape mismatch deep inside peft."""
-    recorded = adapter_config.get("base_model_name_or_path")
-    if not recorded or not (Path(recorded) / "config.json").is_file() or not (Path(model) / "config.json").is_file():
-        return
-    ours = json.loads((Path(model) / "config.json").read_text())
-    theirs = json.loads((Path(recorded) / "config.json").read_text())
-    different = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in SHAPE_FIELDS if theirs.get(k) != ours.get(k)]
-    if different:
-        raise ConfigError(f"adapter {adapter} was trained on {recorded}, which does not match --model {model} "
-                          f"({'; '.join(different)})")
+def check_adapter_fits(model: str, adapter: str, trust_remote_code: bool = False) -> None:
+    """modeling.check_adapter against the model's shapes alone: an empty skeleton, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_adapter(skeleton, adapter, model)
 
 
 def load_merged(model: str, adapter: str | None = None, trust_remote_code: bool = False):

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
-from .hf import check_adapter_base, read_adapter_config
+from .hf import check_adapter_fits, read_adapter_config
 
 VLLM_DEFAULT_MAX_RANK = 16
 # modules vLLM applies LoRA to in decoder models: the attention and MLP projections, not embeddings or heads
@@ -54,7 +54,7 @@ def serve_line(base: str, name: str, adapter_dir: str, rank: int) -> str:
 def export_adapter(base: str, adapter: str, out: str) -> tuple[Path, str]:
     """Copy a vLLM-loadable adapter to `out` (its config naming `base`); (out, the `vllm serve` line)."""
     config = read_adapter_config(adapter)
-    check_adapter_base(base, adapter, config)
+    check_adapter_fits(base, adapter)
     problems = check_adapter(adapter)
     if problems:
         raise ConfigError(f"{adapter} cannot be served by vLLM: {'; '.join(problems)}")
