@@ -207,12 +207,15 @@ class Engine:
         return self.generate([self.chat_prompt(messages) for messages in conversations], params)
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The conversation rendered as training renders it (data.encode.render_chat: tool-call turns in the form
+        the template expects), plus the generation prompt."""
+        from .data.encode import render_chat
+
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError("this tokenizer has no chat template: give prompts as plain strings, or set one "
                               "with --chat-template")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                      tokenize=False)
+            text = render_chat(self.tokenizer, messages, tools, generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - Jinja raises many kinds; the message is what matters
             raise ConfigError(f"the chat template could not render these messages: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
