@@ -3,7 +3,9 @@
 A checkpoint is written to `checkpoints/.partial-step-N/` and renamed to `checkpoints/step-N/` only when
 complete (rename is atomic on one filesystem), so `resume: auto` never picks a half-written one. It holds
 the trainable weights, optimizer and scheduler state, every process's RNG state and the loop's position,
-which is enough to reach the same final weights as an uninterrupted run. torch is imported inside the functions
+which is enough to reach the same final weights as an uninterrupted run. Under FSDP and DeepSpeed the weights
+and optimizer state are sharded: each process writes its own shards through accelerate's `save_state` (in
+`sharded/`), and reading them back needs the same number of processes and the same strategy. torch is imported inside the functions
 that need it, so the CLI can look at an output directory's checkpoints before torch loads.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SHARDED = "sharded"  # accelerate's save_state of a sharded run, inside a checkpoint
 
 
 def trainable_state(model, names: set[str]) -> dict:
@@ -41,8 +44,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, *, model, names: set[str], optimizer, scheduler, loop_state: dict,
-                    rank: int = 0, is_main: bool = True, keep: int = 2, barrier=lambda: None) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+                    rank: int = 0, is_main: bool = True, keep: int = 2, barrier=lambda: None,
+                    sharded_by=None) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. `sharded_by`: the Accelerator of a
+    sharded run (FSDP, DeepSpeed), whose save_state writes every process's shards of weights and optimizer."""
     import torch
     from safetensors.torch import save_file
 
@@ -53,9 +58,12 @@ def save_checkpoint(root: Path, step: int, *, model, names: set[str], optimizer,
         partial.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), partial / f"rng-{rank}.pt")
+    if sharded_by is not None:
+        sharded_by.save_state(str(partial / SHARDED), safe_serialization=True)
     if is_main:
-        save_file(trainable_state(model, names), str(partial / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        if sharded_by is None:
+            save_file(trainable_state(model, names), str(partial / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         (partial / "trainer_state.json").write_text(json.dumps({**loop_state, "step": step}, indent=1))
     barrier()
@@ -91,10 +99,18 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDED).is_dir()
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0, sharded_by=None) -> dict:
+    """Restore what save_checkpoint wrote; a sharded checkpoint through `sharded_by.load_state` (every process)."""
     import torch
     from safetensors.torch import load_file
 
+    if is_sharded(path):
+        sharded_by.load_state(str(path / SHARDED))
+        return _restore_rest(path, scheduler, rank)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
     if missing:
@@ -106,6 +122,12 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -
         for name, value in weights.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    return _restore_rest(path, scheduler, rank)
+
+
+def _restore_rest(path: Path, scheduler, rank: int) -> dict:
+    import torch
+
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.is_file():

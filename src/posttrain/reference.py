@@ -2,7 +2,8 @@
 
 Strategies:
 - adapter: with LoRA, the base model with the adapter disabled is the reference (no copy in memory);
-- copy: a frozen copy of the starting model, in eval mode with dropout off;
+- copy: a frozen copy of the starting model, in eval mode with dropout off, on the device in the compute dtype
+  (modeling.frozen_dtype);
 - precompute (offline stages only): the reference log-probs of every example are computed once before
   training, with the starting weights, and carried in the features (no reference model in memory while
   training); the policy itself scores them, in eval mode, before its first update.
@@ -49,10 +50,11 @@ class Reference:
         strategy = resolve_strategy(setting, config.method, online)
         if strategy != "copy":
             return cls(strategy)
-        from .modeling import disable_dropout, load_model
+        from .modeling import disable_dropout, frozen_dtype, load_model
 
+        # on the device, in the compute dtype (bf16 under train.bf16): a 7B copy is 14 GB, not 28
         copy = load_model(config.model, "causal", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
-                          attn_implementation=config.attn_implementation)
+                          attn_implementation=config.attn_implementation, dtype=frozen_dtype(config), device=device)
         disable_dropout(copy)
         return cls(strategy, copy.eval().requires_grad_(False).to(device))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin, set_seed
 
 from . import output_dir
 from .config import Config, dump_config
@@ -27,7 +27,7 @@ from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
 from .errors import ConfigError, DataError
 from .modeling import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_model, load_tokenizer,
-                       save_pretrained, use_bf16, write_into)
+                       resolve_device, resolve_dtype, save_pretrained, trained_dtype, use_bf16, write_into)
 from .plots import overfitting, plot_metrics
 from .stages import STAGES, Stage
 
@@ -96,8 +96,10 @@ def build_units(features: list[dict], config: Config, stage: Stage, pad_id: int,
 
 
 def build_model(config: Config, stage: Stage, tokenizer, labels):
+    """The trained model, in modeling.trained_dtype (fp32 master weights, or pure bf16 when `dtype: bf16`); the
+    accelerator moves it to the device (and shards it under FSDP / DeepSpeed)."""
     model = load_model(config.model, stage.task, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
-                       attn_implementation=config.attn_implementation, labels=labels,
+                       attn_implementation=config.attn_implementation, labels=labels, dtype=trained_dtype(config),
                        quantize=config.adapter.quantize if config.method == "lora" else None)
     if config.train.disable_dropout:  # before LoRA, so that adapter.dropout still applies
         disable_dropout(model)
@@ -113,15 +115,21 @@ def build_model(config: Config, stage: Stage, tokenizer, labels):
     return model
 
 
-def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path) -> None:
-    """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model)."""
+def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model).
+    `state_dict`: the gathered weights of a sharded run (FSDP, DeepSpeed ZeRO-3), written instead of the module's
+    own (which holds only this process's shards)."""
     def write(staging: Path) -> None:
         to_save = model
         if config.method == "lora" and stage.task in ("classify", "reward"):
+            if state_dict is not None:  # merging needs whole weights in the module
+                model.load_state_dict(state_dict)
             # a classifier must load with AutoModelForSequenceClassification: merge, keep the adapter beside it
             save_pretrained(model, tokenizer, staging / "adapter", stage.task)
             to_save = model.merge_and_unload()
-        save_pretrained(to_save, tokenizer, staging, stage.task)
+            save_pretrained(to_save, tokenizer, staging, stage.task)
+        else:
+            save_pretrained(to_save, tokenizer, staging, stage.task, state_dict=state_dict)
         if stage.task == "embed":  # sentence-transformers' files, so the encoder loads there too
             from .rag.embed import resolve_pooling, write_sentence_transformers_layout
 
@@ -178,6 +186,52 @@ def run_training(config: Config) -> dict:
         return _train(config, out_dir, resume_from)
 
 
+def build_accelerator(config: Config, out_dir: Path) -> Accelerator:
+    """The run's Accelerator: on `device:`, bf16 autocast under train.bf16 (not with pure bf16 weights), and DDP /
+    FSDP2 / DeepSpeed as `accelerate launch --config_file` asked. The dtype is checked against the device here,
+    before any model loads."""
+    device = resolve_device(config.device, flag="device:")
+    if config.dtype != "auto":
+        resolve_dtype(config.dtype, device, flag="dtype:")
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)  # cuda:N in a single process
+    AcceleratorState._reset_state()  # several runs in one process (demo, tests) may differ in precision
+    mixed = "bf16" if use_bf16(config.train.bf16) and config.dtype in ("auto", "fp32") else "no"
+    # gradual unfreezing leaves the lower layers without gradients for a while: DDP must be told
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.freeze.gradual_unfreeze else []
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed,  # cpu: CPU processes form a gloo group
+                              log_with="tensorboard" if config.train.tensorboard else None,
+                              project_dir=str(out_dir), kwargs_handlers=ddp)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        _fsdp_on_cpu(accelerator, mixed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _deepspeed_settings(accelerator, config)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator, mixed: str) -> None:
+    """accelerate turns FSDP on only for accelerators; a CPU-only launch that asks for it (the tests' two gloo
+    processes, CPU clusters) gets accelerate's FSDP path here, with torch's fully_shard running over gloo."""
+    plugin = FullyShardedDataParallelPlugin()
+    if mixed != "no":
+        plugin.set_mixed_precision(mixed)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what later AcceleratorStates read
+
+
+def _deepspeed_settings(accelerator: Accelerator, config: Config) -> None:
+    """Fill the DeepSpeed config from the posttrain one: no data loader goes through accelerate (so the micro-batch
+    size is set here), accumulation is ours (train.grad_accum: DeepSpeed steps at the end of each accumulated
+    update, see Trainer.micro_batch), and clipping is DeepSpeed's own (at train.max_grad_norm)."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.train.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = config.train.batch_size * accelerator.num_processes
+    ds["gradient_clipping"] = config.train.max_grad_norm or 0.0
+    accelerator.gradient_accumulation_steps = 1
+
+
 def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None):
     """Data, accelerator, model, stage context and the loop's Trainer: everything a run needs before its first
     step (tests use it to drive a stage's real code). Returns the trainer and what the summary reports."""
@@ -188,13 +242,7 @@ def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None
         if data["report"][key]:
             log.info("%s: %s", key.replace("_", " "), data["report"][key])
 
-    AcceleratorState._reset_state()  # several runs in one process (demo, tests) may differ in precision
-    # gradual unfreezing leaves the lower layers without gradients for a while: DDP must be told
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.freeze.gradual_unfreeze else []
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # without it, CPU processes never form a group
-                              mixed_precision="bf16" if use_bf16(config.train.bf16) else "no",
-                              log_with="tensorboard" if config.train.tensorboard else None,
-                              project_dir=str(out_dir), kwargs_handlers=ddp)
+    accelerator = build_accelerator(config, out_dir)
     set_seed(config.train.seed)
     model = build_model(config, stage, tokenizer, data["labels"])
     if stage.wrap is not None:  # e.g. ppo: the policy and its critic, trained together
@@ -223,6 +271,29 @@ def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None
     return trainer, {"tokenizer": tokenizer, "data": data, "trainable": trainable, "total": total}
 
 
+def gathered_state(trainer, trained, written) -> dict | None:
+    """The whole weights of `written` (the trained module, or the part of it that is the output, e.g. PPO's policy)
+    gathered from every process's shards when the run is sharded; None when the module holds them itself."""
+    if not trainer.sharded:
+        return None
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if written is not trained:
+        prefix = next(name for name, module in trained.named_modules() if module is written) + "."
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    # a tied weight (the LM head sharing the embeddings) is gathered under both names; written once, as
+    # save_pretrained writes it from the module itself
+    first: dict[int, str] = {}
+    tied = {name for name, param in written.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(param), name) != name}
+    return {key: value for key, value in state.items() if key not in tied}
+
+
+def precision_words(config: Config, accelerator) -> str:
+    if config.dtype in ("bf16", "fp16"):
+        return f"{config.dtype} weights" + (" (LoRA adapter fp32)" if config.method == "lora" else " (pure, no fp32 copy)")
+    return "bf16 autocast (weights fp32)" if accelerator.mixed_precision == "bf16" else "fp32"
+
+
 def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
     stage = STAGES[config.stage]
     trainer, run = build_trainer(config, out_dir, resume_from)
@@ -234,9 +305,11 @@ def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
     if stage.finish is not None:
         result.update(stage.finish(trainer, ctx))
     accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(trainer.model)
+    written = stage.unwrap(trained) if stage.unwrap else trained
+    state_dict = gathered_state(trainer, trained, written)  # every process takes part under FSDP / ZeRO-3
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(trainer.model)
-        save_output(stage.unwrap(trained) if stage.unwrap else trained, tokenizer, config, stage, out_dir)
+        save_output(written, tokenizer, config, stage, out_dir, state_dict)
         chance = 1 / len(data["labels"]) if data["labels"] else 0.5 if stage.name in ("rm", "dpo", "kto") else None
         plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots", chance=chance)
         notes = [note for note in [overfitting(out_dir / "metrics.jsonl")] if note]
@@ -245,7 +318,8 @@ def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
         summary = {"stage": stage.name, "model": config.model, "method": config.method,
                    "trainable_parameters": trainable, "total_parameters": total, **result,
                    "tokens_per_s": round(result["tokens_seen"] / max(result["runtime_s"], 1e-9), 1),
-                   "precision": "bf16 autocast (weights fp32)" if accelerator.mixed_precision == "bf16" else "fp32",
+                   "precision": precision_words(config, accelerator),
+                   "distributed": f"{trainer.strategy} x {accelerator.num_processes}",
                    "machine": machine_kind(), "notes": notes,
                    "data": data["report"], "plots": [p.name for p in plots],
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

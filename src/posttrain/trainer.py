@@ -83,6 +83,8 @@ class Trainer:
         # the scheduler is stepped by us once per optimizer step, so it is not handed to accelerate
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self._collect_params()  # FSDP2 and DeepSpeed replace the parameters with sharded ones
+        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.strategy = distributed_strategy(accelerator)
         self._apply_unfreeze(0)
 
     # ------------------------------------------------------------ setup helpers
@@ -302,12 +304,21 @@ class Trainer:
                 "tokens_seen": self.state.tokens_seen}
 
     def _resume(self, checkpoint: Path, metrics_file: Path) -> None:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("fingerprint")
+        written = json.loads((checkpoint / "trainer_state.json").read_text())
+        world, strategy = self.accelerator.num_processes, distributed_strategy(self.accelerator)
+        then = (written.get("fingerprint", {}).get("processes", 1), written.get("strategy", "single process"))
+        if (ckpt.is_sharded(checkpoint) or self.sharded) and then != (world, strategy):
+            raise ConfigError(f"resume: {checkpoint} was written by {then[0]} process(es) under {then[1]}; this run "
+                              f"has {world} under {strategy}, which cannot read its shards: relaunch with the same "
+                              f"accelerate config and --num_processes {then[0]}, or start a new output_dir "
+                              f"(resume: null)")
+        saved = written.get("fingerprint")
         if saved != self.fingerprint():
             raise ConfigError(f"resume: {checkpoint} was written by a run with a different batch plan "
                               f"({saved} vs now {self.fingerprint()}); start a new output_dir or set resume: null")
         loaded = ckpt.load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer,
-                                      scheduler=self.scheduler, rank=self.accelerator.process_index)
+                                      scheduler=self.scheduler, rank=self.accelerator.process_index,
+                                      sharded_by=self.accelerator if self.sharded else None)
         self.state = LoopState(**{k: v for k, v in loaded.items() if k in LoopState.__annotations__})
         self._apply_unfreeze(self.state.epoch)
         if self.accelerator.is_main_process:  # drop lines the interrupted run logged after this checkpoint
@@ -346,10 +357,11 @@ class Trainer:
         return ckpt.save_checkpoint(self.out_dir / "checkpoints", self.state.step, model=self.raw_model,
                                     names=self.param_names, optimizer=self.optimizer, scheduler=self.scheduler,
                                     loop_state={**asdict(self.state), "fingerprint": self.fingerprint(),
+                                                "strategy": distributed_strategy(acc),
                                                 "runtime_s": self.state.runtime_s + time.time() - self._run_started},
                                     rank=acc.process_index,
                                     is_main=acc.is_main_process, keep=self.train_cfg.save_total_limit,
-                                    barrier=acc.wait_for_everyone)
+                                    barrier=acc.wait_for_everyone, sharded_by=acc if self.sharded else None)
 
 
 def _new_window() -> dict:
@@ -380,3 +392,13 @@ def adamw_8bit(groups: list[dict], lr: float, betas: tuple, accelerator) -> torc
         raise ConfigError("train.optim: adamw_8bit needs bitsandbytes (pip install 'posttrain[gpu]'); or use "
                           "train.optim: adamw") from None
     return bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=betas)
+
+
+def distributed_strategy(accelerator) -> str:
+    """How the run is spread over processes, in words (summary.json, checkpoints)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "FSDP2" if accelerator.is_fsdp2 else "FSDP"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "DDP" if accelerator.num_processes > 1 else "single process"

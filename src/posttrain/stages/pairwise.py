@@ -2,6 +2,7 @@
 log-probs (reference.py has the strategies), pair encoding and evaluation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,20 +21,33 @@ def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], 
     """Store the reference log-probs of every train and eval unit in the unit itself (keys `row_keys`).
 
     `collate(units)` builds a batch whose rows are the units' sequences for each key in turn (e.g. all
-    chosen rows, then all rejected rows)."""
+    chosen rows, then all rejected rows). With several processes each scores every world-th batch and the
+    values are exchanged, so the pass costs 1 / processes of a single process's time."""
     if ctx.reference is None or ctx.reference.strategy != "precompute":
         return
-    device = trainer.accelerator.device
+    acc, size = trainer.accelerator, trainer.train_cfg.batch_size
+    rank, world = acc.process_index, acc.num_processes
     for units in (trainer.units, trainer.eval_units):
-        size = trainer.train_cfg.batch_size
-        for start in range(0, len(units), size):
+        starts = list(range(0, len(units), size))
+        mine = starts[rank::world]
+        found: dict[int, list[list[float]]] = {}
+        # every process runs the same number of forwards (FSDP and ZeRO-3 gather weights collectively in each):
+        # one with a batch fewer scores a batch again and drops the result
+        for i in range(math.ceil(len(starts) / world)):
+            start = mine[i] if i < len(mine) else starts[0]
             chunk = units[start:start + size]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            with trainer.accelerator.autocast():
+            batch = {k: v.to(acc.device) for k, v in collate(chunk).items()}
+            with acc.autocast():
                 values = ctx.reference.sequence_logps(trainer.model, batch).float().cpu()
-            parts = values.split(len(chunk))
+            if i < len(mine):
+                found[start] = [part.tolist() for part in values.split(len(chunk))]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            found = {start: parts for shard in gather_object([found]) for start, parts in shard.items()}
+        for start, parts in found.items():
             for key, part in zip(row_keys, parts):
-                for unit, value in zip(chunk, part.tolist()):
+                for unit, value in zip(units[start:start + size], part):
                     unit[key] = value
 
 
