@@ -72,6 +72,9 @@ def test_every_example_config_runs(example, tiny_model, tmp_path, monkeypatch):
 
 
 def test_rules_across_keys_are_explained():
-    with pytest.raises(ConfigError, match=r"^invalid config:\n  dpo.prefix_sharing needs dpo.reference: precompute"):
-        build_config(minimal(stage="dpo", dpo={"prefix_sharing": True, "reference": "copy"}))
-    assert build_config(minimal(stage="dpo", dpo={"prefix_sharing": True})).dpo.prefix_sharing
+    with pytest.raises(ConfigError, match=r"^invalid config:\n  reference: adapter needs adapter.type: lora"):
+        build_config(minimal(stage="dpo", dpo={"reference": "adapter"}))
+    with pytest.raises(ConfigError, match=r"'grpo.reference': Input should be 'auto', 'adapter' or 'copy'"):
+        build_config(minimal(stage="grpo", rewards=[{"builtin": "json_valid"}], grpo={"reference": "precompute"}))
+    # prefix sharing works with every reference strategy (the reference scores the shared-prefix batch too)
+    assert build_config(minimal(stage="dpo", dpo={"prefix_sharing": True, "reference": "copy"})).dpo.prefix_sharing

@@ -128,10 +128,13 @@ def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path
             torch.testing.assert_close(g2[key], g1[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_dpo_with_prefix_sharing_trains_end_to_end(tiny_model, tmp_path):
+@pytest.mark.parametrize("reference", ["precompute", "copy"])
+def test_dpo_with_prefix_sharing_trains_end_to_end(tiny_model, tmp_path, reference):
+    """The reference scores the shared-prefix batch as the policy does (a copy) or ahead of time (precompute)."""
     train = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
     out = tmp_path / "shared"
-    run_training(build_config(config(tiny_model, "dpo", train, out, dpo={"prefix_sharing": True})))
+    run_training(build_config(config(tiny_model, "dpo", train, out, dpo={"prefix_sharing": True,
+                                                                          "reference": reference})))
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
