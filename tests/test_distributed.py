@@ -160,3 +160,23 @@ def test_fsdp2_dpo_with_the_reference_pass_split_across_processes_matches_single
     assert_same_curves(tmp_path / "fsdp", tmp_path / "single", ("loss", "margin", "logps_chosen"))
     assert_same_weights(load_file(str(tmp_path / "fsdp" / "model.safetensors")),
                         load_file(str(tmp_path / "single" / "model.safetensors")))
+
+
+def test_deepspeed_zero2_and_zero3_sft_match_single_process_and_save_whole_weights(tiny_model, tmp_path):
+    """DeepSpeed's CPU accelerator over gloo: ZeRO-2 (optimizer and gradients sharded) and ZeRO-3 (weights too,
+    gathered for the final save) step once per accumulated update, like one process with the same batch."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(32))
+    train = {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "group_by_length": False}
+    single = write(tmp_path, "single", base_config(tiny_model, data, tmp_path / "single",
+                                                    train={**train, "batch_size": 4}))
+    run_cli("train", single)
+    expected = load_file(str(tmp_path / "single" / "model.safetensors"))
+    for stage in ("zero2", "zero3"):
+        launch(write(tmp_path, stage, base_config(tiny_model, data, tmp_path / stage, train=train)), f"{stage}.yaml")
+        assert_same_curves(tmp_path / stage, tmp_path / "single", ("loss", ))
+        saved = load_file(str(tmp_path / stage / "model.safetensors"))
+        assert_same_weights(saved, expected)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / stage, dtype=torch.float32).state_dict()
+        assert all(torch.equal(loaded[name], value) for name, value in saved.items())

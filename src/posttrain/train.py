@@ -204,6 +204,9 @@ def build_accelerator(config: Config, out_dir: Path) -> Accelerator:
                               project_dir=str(out_dir), kwargs_handlers=ddp)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
         _fsdp_on_cpu(accelerator, mixed)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        _deepspeed_on_cpu(accelerator, mixed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _deepspeed_settings(accelerator, config)
     return accelerator
@@ -218,6 +221,22 @@ def _fsdp_on_cpu(accelerator: Accelerator, mixed: str) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what later AcceleratorStates read
+
+
+def _deepspeed_on_cpu(accelerator: Accelerator, mixed: str) -> None:
+    """The same for DeepSpeed: its CPU accelerator runs over the gloo group accelerate formed."""
+    import deepspeed
+    from accelerate.utils import DeepSpeedPlugin
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(mixed)
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.state.deepspeed_plugins = plugin
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state._mixed_precision = "no"  # DeepSpeed casts the model itself, as accelerate leaves it to do
+    accelerator.native_amp = False
 
 
 def _deepspeed_settings(accelerator: Accelerator, config: Config) -> None:
@@ -277,6 +296,8 @@ def gathered_state(trainer, trained, written) -> dict | None:
     if not trainer.sharded:
         return None
     state = trainer.accelerator.get_state_dict(trainer.model)
+    if state is None:  # DeepSpeed ZeRO-3 gathers onto the main process only
+        return None
     if written is not trained:
         prefix = next(name for name, module in trained.named_modules() if module is written) + "."
         state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
