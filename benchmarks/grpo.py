@@ -104,9 +104,9 @@ def child_posttrain(spec: dict) -> dict:
     current = {"generate_s": 0.0, "score_s": 0.0, "completions": 0, "hit_max": 0, "tokens": 0}
     generate, score, step = Engine.generate, online.score, STAGES["grpo"].step
 
-    def timed_generate(self, prompts, params):
+    def timed_generate(self, prompts, params, **kwargs):
         t = time.perf_counter()
-        completions = generate(self, prompts, params)
+        completions = generate(self, prompts, params, **kwargs)
         current["generate_s"] += time.perf_counter() - t
         current["completions"] += len(completions)
         current["hit_max"] += sum(len(c.token_ids) >= params.max_new_tokens for c in completions)

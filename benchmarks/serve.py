@@ -1,14 +1,21 @@
-"""`posttrain serve` under concurrent load: N requests sent at once versus the same N one after another.
+"""`posttrain serve` under load: N streaming clients at once versus the same N requests one after another, and a
+1-token request sent while a long one decodes.
 
-Builds a randomly initialised Qwen2-shaped model (`--size`, BPE trained on the generated demo chats), starts the
-real server in a subprocess on a free port, warms it up, then times
+    python benchmarks/serve.py                          # small model, 64 clients x 64 tokens, a 300-token long request
+    python benchmarks/serve.py --requests 16 --max-tokens 32 --size tiny   # quicker
 
-* sequential: N chat completions, each sent when the previous answered;
-* concurrent: the same N sent together from N threads (the batcher decodes them as one batch).
+Builds a randomly initialised Qwen2-shaped model (`--size`, BPE trained on the demo chats), starts the real server
+in a subprocess (`--max-rows` rows decode together), warms it up, then with the official openai SDK (streaming
+chat completions, greedy, `ignore_eos` so every answer has exactly `--max-tokens` tokens):
 
-Requests are greedy with the same `max_tokens` and no stop tokens hit in practice, so both runs decode the same
-tokens (checked: the answers must be identical). Prints both wall times, completion tokens/s and the ratio
-sequential / concurrent; `--repeats` interleaves runs and reports the best of each.
+* sequential: the N requests, each sent when the previous one finished;
+* concurrent: the same N from N threads at once (continuous batching: they join the running batch as they
+  arrive). The answers must equal the sequential ones (checked);
+* short behind long: a `--long-tokens` request streams; after its first chunk a 1-token request is sent; its
+  latency is measured, and how many chunks the long one had received by then.
+
+Printed: wall time and completion tokens/s of both runs and their ratio, p50/p95 time to first token (TTFT) and
+total latency per request, the short request's latency. `--repeats` interleaves runs (best wall time kept).
 """
 from __future__ import annotations
 
@@ -39,13 +46,14 @@ def prompts(n: int) -> list[list[dict]]:
     return [[m for m in row["messages"] if m["role"] != "assistant"][:2] for row in make_sft_rows(n, seed="bench")]
 
 
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, log: Path, max_rows: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with open(log, "w") as handle:
         process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", str(model),
-                                    "--port", str(port)], stdout=handle, stderr=subprocess.STDOUT)
+                                    "--port", str(port), "--max-rows", str(max_rows)],
+                                   stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -58,25 +66,33 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def ask(url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
-
-
-def sequential(url, model, chats, max_tokens) -> tuple[float, list[dict]]:
+def ask(client, model: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed chat completion: its text, time to first content token and total latency."""
     start = time.perf_counter()
-    answers = [ask(url, model, chat, max_tokens) for chat in chats]
+    first, text = None, ""
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text += chunk.choices[0].delta.content
+    end = time.perf_counter()
+    return {"text": text, "ttft": (first or end) - start, "latency": end - start}
+
+
+def sequential(client, model, chats, max_tokens) -> tuple[float, list[dict]]:
+    start = time.perf_counter()
+    answers = [ask(client, model, chat, max_tokens) for chat in chats]
     return time.perf_counter() - start, answers
 
 
-def concurrent(url, model, chats, max_tokens) -> tuple[float, list[dict]]:
+def concurrent(client, model, chats, max_tokens) -> tuple[float, list[dict]]:
     answers: list[dict | None] = [None] * len(chats)
+    barrier = threading.Barrier(len(chats))
 
     def run(index):
-        answers[index] = ask(url, model, chats[index], max_tokens)
+        barrier.wait()
+        answers[index] = ask(client, model, chats[index], max_tokens)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
     start = time.perf_counter()
@@ -87,46 +103,78 @@ def concurrent(url, model, chats, max_tokens) -> tuple[float, list[dict]]:
     return time.perf_counter() - start, answers
 
 
+def short_behind_long(client, model, chats, long_tokens) -> dict:
+    """The long request streams; after its first chunk the short one is sent. Returns the short one's latency and
+    how many of the long one's chunks had arrived by the time the short one was answered (of all it sent)."""
+    stream = client.chat.completions.create(model=model, messages=chats[0], max_tokens=long_tokens, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content)
+    start = time.perf_counter()
+    short = client.chat.completions.create(model=model, messages=chats[1], max_tokens=1, temperature=0)
+    latency = time.perf_counter() - start
+    later = sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content)
+    if short.usage.completion_tokens != 1:
+        raise SystemExit("the short request did not get one token")
+    return {"latency": latency, "long_chunks_after": later}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=16)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--size", choices=["tiny", "small", "base"], default="small")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--long-tokens", type=int, default=300)
+    parser.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="small")
+    parser.add_argument("--max-rows", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import openai
 
     with tempfile.TemporaryDirectory() as work:
         model = make_model(args.size, Path(work) / "model")
-        process, url = start_server(model, Path(work) / "server.log")
+        process, url = start_server(model, Path(work) / "server.log", args.max_rows)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
+        name = str(model)
         try:
             chats = prompts(args.requests)
-            ask(url, str(model), chats[0], 4)  # warm-up
-            best_seq, best_conc = float("inf"), float("inf")
+            ask(client, name, chats[0], 4)  # warm-up
+            best = {"sequential": (float("inf"), None), "concurrent": (float("inf"), None)}
             for _ in range(args.repeats):
-                seq_s, seq_answers = sequential(url, str(model), chats, args.max_tokens)
-                conc_s, conc_answers = concurrent(url, str(model), chats, args.max_tokens)
-                best_seq, best_conc = min(best_seq, seq_s), min(best_conc, conc_s)
-            texts = [a["choices"][0]["message"]["content"] for a in seq_answers]
-            if texts != [a["choices"][0]["message"]["content"] for a in conc_answers]:
+                for kind, run in (("sequential", sequential), ("concurrent", concurrent)):
+                    seconds, answers = run(client, name, chats, args.max_tokens)
+                    if seconds < best[kind][0]:
+                        best[kind] = (seconds, answers)
+            if [a["text"] for a in best["sequential"][1]] != [a["text"] for a in best["concurrent"][1]]:
                 raise SystemExit("concurrent answers differ from sequential ones")
-            tokens = sum(a["usage"]["completion_tokens"] for a in seq_answers)
+            behind = short_behind_long(client, name, chats, args.long_tokens)
             health = json.loads(urllib.request.urlopen(url + "/health").read())
         finally:
             process.terminate()
             process.wait(timeout=30)
-    print(f"model: qwen2/{args.size}, {args.requests} chat requests x max_tokens {args.max_tokens}, greedy; "
-          f"{tokens} completion tokens per run; {os.cpu_count()} CPUs, torch threads {_torch_threads()}")
-    print(f"sequential: {best_seq:.2f} s ({tokens / best_seq:.0f} tokens/s)")
-    print(f"concurrent: {best_conc:.2f} s ({tokens / best_conc:.0f} tokens/s); server: {health['batches']} batches, "
-          f"largest {health['largest_batch']} rows")
-    print(f"ratio sequential / concurrent: {best_seq / best_conc:.1f}x")
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    tokens = args.requests * args.max_tokens
+    print(f"Command: `python benchmarks/serve.py {' '.join(sys.argv[1:])}`\n")
+    print(f"Model: Qwen2-shaped `{args.size}` (2048-token BPE), {args.requests} streaming chat requests x "
+          f"{args.max_tokens} tokens (greedy, ignore_eos), official openai SDK, --max-rows {args.max_rows}; "
+          f"{os.cpu_count()} CPUs; largest batch {health['largest_batch']} rows.\n")
+    print("| run | wall s | tokens/s | TTFT p50 / p95 s | latency p50 / p95 s |")
+    print("|---|---:|---:|---:|---:|")
+    for kind in ("sequential", "concurrent"):
+        seconds, answers = best[kind]
+        ttft = [a["ttft"] for a in answers]
+        latency = [a["latency"] for a in answers]
+        print(f"| {kind} | {seconds:.2f} | {tokens / seconds:.0f} | {percentile(ttft, 0.5):.2f} / "
+              f"{percentile(ttft, 0.95):.2f} | {percentile(latency, 0.5):.2f} / {percentile(latency, 0.95):.2f} |")
+    ratio = best["sequential"][0] / best["concurrent"][0]
+    print(f"\nThroughput concurrent / sequential: **{ratio:.1f}x**")
+    print(f"A 1-token request sent while a {args.long_tokens}-token one streams: answered in "
+          f"**{behind['latency']:.2f} s** (the long one streamed {behind['long_chunks_after']} more chunks after "
+          "that)")
 
 
 if __name__ == "__main__":

@@ -214,8 +214,21 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1: off).")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     stop: list[str] = Field(default_factory=list, description="Stop strings (end-of-turn and EOS always stop).")
-    batch_size: int | None = Field(None, ge=1, description="Prompts decoded together (each with all its samples); "
+    batch_size: int | None = Field(None, ge=1, description="Most prompts decoded at once (each with all its samples; "
+                                                           "a finished sample's place goes to a waiting one); "
                                                            "default: every prompt of the step at once.")
+    backend: Literal["engine", "vllm"] = Field(
+        "engine", description="Who samples the rollouts: `engine` = posttrain's own (any device); `vllm` = vLLM on "
+                              "the training GPU (needs vLLM installed; the policy's weights are loaded into it "
+                              "before every rollout, LoRA merged).")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="backend vllm: the share of the GPU's "
+                                                                            "memory vLLM takes next to training.")
+    tis_cap: float | None = Field(None, gt=0, description="Truncated importance sampling: multiply each token's "
+                                                          "policy-gradient loss by min(pi_trainer / pi_sampler, cap) "
+                                                          "(losses.truncated_importance_weights), correcting for "
+                                                          "a sampler whose log-probs differ from the trainer's "
+                                                          "(vLLM: 2.0 is the usual cap). null: off. The mismatch "
+                                                          "is logged either way (`sampler_logprob_diff`).")
 
 
 def resolve_reference(setting: str, method: str, online: bool) -> str:

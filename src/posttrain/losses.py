@@ -285,6 +285,25 @@ def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, clip_l
     return loss, (clipped > unclipped).float().detach(), (0.5 * log_ratio.detach() ** 2)
 
 
+def truncated_importance_weights(trainer_logps: Tensor, sampler_logps: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) for rollouts sampled by another implementation of the policy than the
+    one the update differentiates (vLLM's kernels, another dtype). Per sampled token a_t,
+
+        w_t = min(pi_trainer(a_t) / pi_sampler(a_t), C) = min(exp(log pi_trainer(a_t) - log pi_sampler(a_t)), C)
+
+    with pi_trainer the trainer's log-probs before the update (the "old" policy of the clipped surrogate) and C
+    the cap; no gradient flows through w. Each token's policy-gradient loss is multiplied by w_t: the tokens
+    were drawn from pi_sampler, the ratio re-weights them towards pi_trainer's distribution, and the cap bounds
+    the variance a rare large ratio would bring (biased, low variance). Equal implementations give w_t = 1."""
+    return torch.exp(trainer_logps.detach().float() - sampler_logps.float()).clamp(max=cap)
+
+
+def logprob_mismatch(trainer_logps: Tensor, sampler_logps: Tensor) -> Tensor:
+    """Per token |log pi_trainer(a_t) - log pi_sampler(a_t)|: how far the sampler's log-probs are from the
+    trainer's for the same tokens (its mean is logged as `sampler_logprob_diff`)."""
+    return (trainer_logps.detach().float() - sampler_logps.float()).abs()
+
+
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = 0.2) -> Tensor:
     """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)."""
     unclipped = (values - returns) ** 2

@@ -78,6 +78,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
         old = online.gather(old_logps, indices).to(logps.device) if old_logps else logps.detach()
         adv = torch.repeat_interleave(advantages[indices].to(logps.device), torch.tensor(lengths, device=logps.device))
         per_token, clipped, _ = ppo_policy_loss(logps, old, adv, cfg.clip, cfg.clip_high)
+        per_token = online.correct_for_sampler(ctx, ro, indices, old, per_token, sums, epoch == 0)
         if ref_logps is not None:
             ref = online.gather(ref_logps, indices).to(logps.device)
             k3 = kl_k3(logps, ref)
@@ -104,7 +105,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
     tokens = max(sums["tokens"], 1.0)
     metrics = {"reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std()) if n > 1 else 0.0,
                **ro.metrics, "clip_fraction": sums["clip_fraction"] / tokens, "entropy": sums["entropy"] / tokens,
-               "advantage_abs": float(advantages.abs().mean())}
+               "advantage_abs": float(advantages.abs().mean()), **online.sampler_metrics(sums)}
     if ref_logps is not None:
         sampled = old_logps or first_pass_logps
         metrics["kl"] = sum(float(kl_k1(sampled[i], ref_logps[i]).sum()) for i in range(n)) / n

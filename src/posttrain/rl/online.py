@@ -31,7 +31,7 @@ from ..data.formats import LoadReport, as_sources
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError
 from ..forward import scores_at, selection, token_logps, unwrap
-from ..losses import IGNORE
+from ..losses import IGNORE, logprob_mismatch, truncated_importance_weights
 from ..modeling import disable_dropout
 from ..reference import Reference
 from .rewards import build_sources, score
@@ -152,6 +152,12 @@ def setup_online(config, model, tokenizer, accelerator, options, need_reference:
     if need_reference:
         reference = Reference.build(options.reference, config, tokenizer, accelerator.device, online=True)
     engine = Engine(actor.policy, tokenizer)
+    if config.generation.backend == "vllm":  # same interface; the policy's weights are synced before each rollout
+        from ..backends.vllm import VLLMGenerator
+
+        engine = VLLMGenerator(config.model, tokenizer, engine.stop_token_ids, seed=config.train.seed,
+                               gpu_memory_utilization=config.generation.vllm_gpu_memory_utilization,
+                               max_model_len=config.data.max_length)
     return OnlineContext(config, tokenizer, sources, engine, reference)
 
 
@@ -169,6 +175,7 @@ class Rollout:
     texts: list[str]
     scores: torch.Tensor           # [N] reward sum (plus the missing-EOS penalty)
     metrics: dict
+    sampler_logps: list[torch.Tensor] | None = None  # per sequence, the sampler's log-probs of its response tokens
 
 
 def sampling_params(config, n: int, seed: int | None) -> SamplingParams:
@@ -180,21 +187,19 @@ def sampling_params(config, n: int, seed: int | None) -> SamplingParams:
 def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eos_penalty: float | None,
             greedy: bool = False) -> Rollout:
     """n completions per prompt from the current policy, scored. Sampling is seeded by (seed, step, rank),
-    so a resumed run samples what the uninterrupted one did."""
+    so a resumed run samples what the uninterrupted one did; each sample has its own random stream (keyed by
+    its index), so `generation.batch_size` changes how many decode at once, not what is sampled."""
     config = ctx.config
     seed = config.train.seed * 1_000_003 + trainer.state.step * 7919 + trainer.accelerator.process_index
     params = sampling_params(config, n, seed)
     if greedy:
         params.temperature, params.n = 0.0, 1
-    size = config.generation.batch_size or len(prompts)
-    completions = []
     started = time.perf_counter()
+    if hasattr(ctx.engine, "sync"):  # vLLM holds its own copy of the weights: bring it up to date
+        ctx.engine.sync(unwrap(trainer.model).policy)
+    max_rows = config.generation.batch_size * params.n if config.generation.batch_size else None
     with trainer.accelerator.autocast():
-        for start in range(0, len(prompts), size):
-            chunk = [p["input_ids"] for p in prompts[start:start + size]]
-            for c in ctx.engine.generate(chunk, params):
-                c.prompt_index += start
-                completions.append(c)
+        completions = ctx.engine.generate([p["input_ids"] for p in prompts], params, max_rows=max_rows)
     expanded = [prompts[c.prompt_index] for c in completions]
     sequences = [{"input_ids": p["input_ids"] + c.token_ids, "labels": [IGNORE] * len(p["input_ids"]) + c.token_ids}
                  for p, c in zip(expanded, completions)]
@@ -213,7 +218,30 @@ def rollout(trainer, ctx: OnlineContext, prompts: list[dict], n: int, missing_eo
     metrics = {k: v for k, v in metrics.items() if v is not None}
     metrics.update(response_length=sum(lengths) / len(lengths), no_eos_fraction=sum(no_eos) / len(no_eos),
                    **{"time/generate": generated - started, "time/score": time.perf_counter() - generated})
-    return Rollout(expanded, sequences, lengths, [c.finish_reason for c in completions], texts, scores, metrics)
+    return Rollout(expanded, sequences, lengths, [c.finish_reason for c in completions], texts, scores, metrics,
+                   sampler_logps=[torch.tensor(c.logprobs, dtype=torch.float32) for c in completions])
+
+
+def correct_for_sampler(ctx: OnlineContext, ro: Rollout, indices: list[int], old_logps: torch.Tensor,
+                        per_token: torch.Tensor, sums: dict, first_epoch: bool) -> torch.Tensor:
+    """The policy-gradient loss per token, weighted by truncated importance sampling when `generation.tis_cap` is
+    set (losses.truncated_importance_weights: the trainer's old log-probs over the sampler's); on the first
+    epoch it also adds |trainer - sampler| log-prob differences to sums (the `sampler_logprob_diff` metric)."""
+    if ro.sampler_logps is None:
+        return per_token
+    sampled = gather(ro.sampler_logps, indices).to(per_token.device)
+    if first_epoch:
+        sums["sampler_logprob_diff"] = sums.get("sampler_logprob_diff", 0.0) + float(
+            logprob_mismatch(old_logps, sampled).sum())
+        sums["sampler_tokens"] = sums.get("sampler_tokens", 0.0) + float(len(sampled))
+    cap = ctx.config.generation.tis_cap
+    return per_token if cap is None else per_token * truncated_importance_weights(old_logps, sampled, cap)
+
+
+def sampler_metrics(sums: dict) -> dict:
+    if not sums.get("sampler_tokens"):
+        return {}
+    return {"sampler_logprob_diff": sums["sampler_logprob_diff"] / sums["sampler_tokens"]}
 
 
 def micro_batches(indices: list[int], size: int) -> list[list[int]]:

@@ -138,6 +138,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
         dev = logps.device
         pick = lambda rows: online.gather(rows, indices).to(dev)  # noqa: E731
         pg, clipped, approx = ppo_policy_loss(logps, pick(old_logps), pick(adv_rows), cfg.clip, cfg.clip_high)
+        pg = online.correct_for_sampler(ctx, ro, indices, pick(old_logps), pg, sums, epoch == 0)
         vf = ppo_value_loss(value, pick(old_values), pick(ret_rows), cfg.value_clip)
         summed = pg.sum() + cfg.vf_coef * vf.sum()
         acc.backward(summed * acc.num_processes / total)
@@ -171,7 +172,7 @@ def update(trainer, ctx, ro: online.Rollout) -> dict:
                "clip_fraction": sums["clip_fraction"] / tokens, "approx_kl": sums["approx_kl"] / tokens,
                "value_clip_fraction": sums["value_clip_fraction"] / tokens,
                "explained_variance": float(explained), "value_mean": float(masked_mean(old_v, mask)),
-               "critic_warmup": float(warming_up),
+               "critic_warmup": float(warming_up), **online.sampler_metrics(sums),
                **({"value_grad_norm": value_grad_norm} if value_grad_norm is not None else {})}
     metrics = online.mean_over_processes(trainer, {**metrics, **timing})
     if cfg.adaptive_kl:
