@@ -268,10 +268,10 @@ def test_generate_cli_writes_rankings_that_data_pairs_reads(varied_model, tmp_pa
     ])
     out = tmp_path / "samples.jsonl"
 
-    def generate(out):
+    def generate(out, batch_size="2"):
         return run_cli("generate", "--model", varied_model, "--prompts", prompts, "--n", "3", "--out", out,
                        "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "50", "--seed", "0",
-                       "--batch-size", "2", "--stop", "never-there", "\n\n")
+                       "--batch-size", batch_size, "--stop", "never-there", "\n\n")
 
     result = generate(out)
     assert "9 responses for 3 prompts" in result.stdout
@@ -288,8 +288,13 @@ def test_generate_cli_writes_rankings_that_data_pairs_reads(varied_model, tmp_pa
     assert len(set(rows[0]["responses"])) > 1  # sampled, not copies
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
 
-    generate(tmp_path / "again.jsonl")  # same seed: same file
-    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    generate(tmp_path / "same.jsonl")  # same seed: same file
+    assert (tmp_path / "same.jsonl").read_text() == out.read_text()
+    generate(tmp_path / "alone.jsonl", batch_size="1")  # whatever decodes together: the same samples (the
+    again = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]  # log-probs
+    assert [r["responses"] for r in again] == [r["responses"] for r in rows]  # to float rounding of the batch)
+    for first, second in zip(rows, again):
+        assert first["logprobs"] == pytest.approx(second["logprobs"], abs=1e-4)
 
     pairs = run_cli("data", "pairs", out, "--out", tmp_path / "pairs.jsonl")
     assert "3 rankings" in pairs.stdout

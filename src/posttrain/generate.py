@@ -65,17 +65,17 @@ def generate_file(model: str, prompts_path: str, out: str, params: SamplingParam
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     counts = {"prompts": len(prompts), "responses": 0, "length": 0}
+    # continuous batching: at most batch_size prompts (x n rows) decode at once, a finished row's place goes to
+    # the next waiting one; each response has its own random stream (seed, response index), so --batch-size
+    # changes the speed, not the samples
+    completions = engine.generate(token_prompts, params, max_rows=batch_size * params.n)
     try:
         with open(partial, "w", encoding="utf-8") as handle:
-            for start in range(0, len(prompts), batch_size):
-                batch = token_prompts[start:start + batch_size]
-                completions = engine.generate(batch, params)
-                for offset in range(len(batch)):
-                    mine = [c for c in completions if c.prompt_index == offset]
-                    row = output_row(prompts[start + offset][0], mine)
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    counts["responses"] += len(mine)
-                    counts["length"] += sum(c.finish_reason == "length" for c in mine)
+            for index, (row, _) in enumerate(prompts):
+                mine = completions[index * params.n:(index + 1) * params.n]
+                handle.write(json.dumps(output_row(row, mine), ensure_ascii=False) + "\n")
+                counts["responses"] += len(mine)
+                counts["length"] += sum(c.finish_reason == "length" for c in mine)
         os.replace(partial, out_path)
     finally:
         partial.unlink(missing_ok=True)
