@@ -142,3 +142,121 @@ def test_token_logps_of_a_model_never_builds_vocab_sized_rows_for_more_than_a_ch
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
     assert largest == []  # no [tokens, vocab] logits were kept for the backward (the full forward keeps several)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_under_ddp_the_head_runs_on_trained_positions_only(tiny_model, tmp_path, monkeypatch, chunk_rows):
+    """A DistributedDataParallel-wrapped model (one gloo process) goes through its wrapper and still applies the
+    head to the 20 trained positions only (not the 32 of the batch); in chunks, it keeps no vocab-sized rows at
+    all. The log-probs are those of the bare model."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    if chunk_rows:
+        monkeypatch.setattr(forward, "CHUNK_ELEMENTS", chunk_rows * vocab)
+    input_ids = torch.randint(5, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    expected = token_logps(model, batch)["logps"].detach()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            out = token_logps(wrapped, batch)
+        out["logps"].sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert [shape for shape in kept if shape[-1] == vocab] == ([] if chunk_rows else [(20, vocab)])
+    torch.testing.assert_close(out["logps"], expected)
+    assert model.lm_head.weight.grad is not None or model.model.embed_tokens.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- errors, CLI
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU, so the devices asked for exist")
+def test_the_cli_and_a_training_config_refuse_a_missing_device_in_one_line(tiny_model, tmp_path):
+    from conftest import run_cli, write_jsonl
+    from test_train import base_config, sft_rows
+
+    result = run_cli("score", "--model", tiny_model, "--data", "none.jsonl", "--out", tmp_path / "s.jsonl",
+                     "--device", "cuda", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: --device cuda: no CUDA GPU is visible here")
+    result = run_cli("generate", "--model", tiny_model, "--prompts", "none.jsonl", "--out", tmp_path / "g.jsonl",
+                     "--dtype", "fp16", check=False)
+    assert result.returncode == 2 and result.stderr == ("error: --dtype fp16: fp16 is for GPUs; on a CPU use --dtype "
+                                                        f"fp32{' or bf16' if modeling.fast_bf16() else ''}\n")
+    import yaml
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**base_config(tiny_model, data, tmp_path / "out"),
+                                                     "device": "cuda"}))
+    result = run_cli("train", tmp_path / "c.yaml", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(
+        "error: device: cuda: no CUDA GPU is visible here")
+
+
+# ------------------------------------------------------------------------------------------- placement, dtypes
+
+def reward_model_dir(tiny_model, tmp_path):
+    """A reward-model directory (a sequence classifier with one output) made from the tiny model."""
+    out = tmp_path / "rm"
+    model = modeling.load_model(str(tiny_model), "reward")
+    model.save_pretrained(out)
+    modeling.load_tokenizer(str(tiny_model)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not modeling.fast_bf16(), reason="bf16 frozen models need a CPU (or GPU) with native bf16")
+def test_frozen_models_take_the_compute_dtype_and_the_critic_is_checkpointed(tiny_model, tmp_path):
+    """PPO with a separate critic, a reward model and a reference copy under train.bf16: the trained weights stay
+    fp32 (the master copy), the frozen ones (reference, reward model) are bf16, all on the run's device, and
+    gradient checkpointing covers the critic as well as the policy."""
+    from conftest import write_jsonl
+    from posttrain.config import build_config
+    from posttrain.train import build_trainer
+
+    rm = reward_model_dir(tiny_model, tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Two plus three is"}] * 4)
+    config = build_config({
+        "stage": "ppo", "model": str(tiny_model), "output_dir": str(tmp_path / "out"),
+        "data": {"train": str(prompts)}, "rewards": [{"model": str(rm)}],
+        "generation": {"max_new_tokens": 4}, "train": {"batch_size": 2, "bf16": True, "gradient_checkpointing": True},
+        "ppo": {"value_model": "reward", "reference": "copy"}})
+    trainer, _ = build_trainer(config, tmp_path / "out")
+    actor, device = trainer.raw_model, trainer.accelerator.device
+    assert actor.policy.is_gradient_checkpointing and actor.critic.is_gradient_checkpointing
+    assert {p.dtype for p in actor.parameters()} == {torch.float32}
+    reference = trainer.ctx.reference.model
+    reward_model = trainer.ctx.sources[0].fn.model
+    for frozen in (reference, reward_model):
+        assert {(p.dtype, p.device) for p in frozen.parameters()} == {(torch.bfloat16, device)}
+    result = trainer.stage.step(trainer, trainer.units[:2], trainer.ctx)  # one real rollout and update
+    assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_pure_bf16_and_the_8bit_optimizer_train(tiny_model, tmp_path):
+    """`dtype: bf16` trains bf16 weights with no fp32 copy; `train.optim: adamw_8bit` keeps 8-bit moments."""
+    from conftest import write_jsonl
+    from posttrain.config import build_config
+    from posttrain.train import build_trainer
+    from test_train import base_config, sft_rows
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(16))
+    cases = [({"dtype": "bf16"}, torch.bfloat16)] if modeling.fast_bf16() else []
+    cases.append(({"train": {"optim": "adamw_8bit", "max_steps": 3, "batch_size": 4, "lr": 3e-3, "seed": 1}},
+                  torch.float32))
+    for extra, dtype in cases:
+        out = tmp_path / f"out-{dtype}"
+        trainer, _ = build_trainer(build_config({**base_config(tiny_model, data, out), **extra}), out)
+        assert {p.dtype for p in trainer.raw_model.parameters()} == {dtype}
+        losses = [trainer._train_step(step)["loss"] for step in trainer._epoch_steps(0)[:3]]
+        assert losses[-1] < losses[0]
+        if extra.get("train", {}).get("optim") == "adamw_8bit":
+            state = trainer.optimizer.optimizer.state[trainer.raw_model.model.embed_tokens.weight]
+            assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+        else:
+            assert trainer.accelerator.mixed_precision == "no"

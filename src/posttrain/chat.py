@@ -54,12 +54,13 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None,
 
 def run_chat(model: str, adapter: str | None, system: str | None, params: SamplingParams,
              chat_template: str | None = None, rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None,
-             rag_template: str | None = None, quantize: str | None = None) -> None:
+             rag_template: str | None = None, quantize: str | None = None, device: str | None = None,
+             dtype: str | None = None) -> None:
     augmenter = None
     if rag:
         from .rag.prompt import load_augmenter
 
         augmenter = load_augmenter(rag, rag_k, rag_mode, rag_template)
-    engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize)
+    engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize, device=device, dtype=dtype)
     engine.chat_prompt([{"role": "user", "content": "hi"}])  # no template: one clear error before the prompt
     chat_loop(engine, params, system, rag=augmenter)

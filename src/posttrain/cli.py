@@ -72,7 +72,8 @@ def _pairs(args) -> None:
 def _score(args) -> None:
     from .score import score_file
 
-    result = score_file(args.model, args.data, args.out, max_length=args.max_length, batch_size=args.batch_size)
+    result = score_file(args.model, args.data, args.out, max_length=args.max_length, batch_size=args.batch_size,
+                        device=args.device, dtype=args.dtype)
     print(f"scored {result['rows']} rows ({result['kind']}; reward offset {result['offset']:+.4f}) -> {args.out}"
           + (f"; {result['unscored']} rows could not be scored (null)" if result["unscored"] else ""))
 
@@ -84,7 +85,8 @@ def _generate(args) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=args.stop or [], seed=args.seed, n=args.n)
     counts = generate_file(args.model, args.prompts, args.out, params, adapter=args.adapter,
-                           batch_size=args.batch_size, chat_template=args.chat_template)
+                           batch_size=args.batch_size, chat_template=args.chat_template, device=args.device,
+                           dtype=args.dtype)
     print(f"generated {counts['responses']} responses for {counts['prompts']} prompts "
           f"({counts['length']} cut at --max-new-tokens) -> {args.out}")
 
@@ -109,17 +111,22 @@ def _eval(args) -> None:
                       n_samples=args.n_samples, batch_size=args.batch_size, max_length=args.max_length,
                       checker=args.checker, chat_template=args.chat_template, generations_out=args.generations,
                       rag=rag_augmenter(args),
-                      samples=args.samples, temperature=args.temperature, seed=args.seed, quantize=args.quantize)
+                      samples=args.samples, temperature=args.temperature, seed=args.seed, quantize=args.quantize,
+                      device=args.device, dtype=args.dtype)
     print(format_result(result))
     if args.out:
         print(f"-> {write_result(result, args.out)}")
 
 
 def _serve(args) -> None:
+    from .modeling import resolve_device, resolve_dtype
     from .serve import serve
 
-    serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key,
-          chat_template=args.chat_template, dtype=args.dtype, max_rows=args.max_rows,
+    device = resolve_device(args.device)
+    dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}[
+        str(resolve_dtype(args.dtype, device))]
+    serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key, device=device,
+          chat_template=args.chat_template, dtype=dtype, max_rows=args.max_rows,
           max_request_bytes=args.max_request_bytes, cors=args.cors, backend=args.backend, rag=args.rag,
           rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize)
 
@@ -131,7 +138,8 @@ def _chat(args) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     run_chat(args.model, args.adapter, args.system, params, chat_template=args.chat_template, rag=args.rag,
-             rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize)
+             rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize,
+             device=args.device, dtype=args.dtype)
 
 
 def _init_model(args) -> None:
@@ -189,6 +197,14 @@ def _add_data_commands(sub) -> None:
 
 
 class _Help(argparse.HelpFormatter):
+def _add_placement(p) -> None:
+    """--device and --dtype of a command that loads a model (modeling.resolve_device / resolve_dtype)."""
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU, else Apple MPS, else the CPU), cuda, cuda:N, "
+                                                    "mps or cpu")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, fp16 on older GPUs and MPS, fp32 "
+                                                   "on a CPU), bf16, fp16 or fp32")
+
+
     """--help lists each option's default; unlike argparse's ArgumentDefaultsHelpFormatter, not 'None'."""
 
     @staticmethod
@@ -249,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_score)
+    _add_placement(p)
 
     p = sub.add_parser("generate", help="sample K responses per prompt (rankings rows for `data pairs`)")
     p.add_argument("--model", required=True, help="model directory or hub id")
@@ -265,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.set_defaults(func=_generate)
+    _add_placement(p)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
     p.add_argument("--model", required=True, help="model directory or hub id (also its served name)")
@@ -273,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_placement(p)
     p.add_argument("--max-rows", type=int, default=64,
                    help="most sequences decoded together (continuous batching: requests join and leave at every "
                         "step; one request's prompts x n count too)")
@@ -298,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     p.set_defaults(func=_chat)
+    _add_placement(p)
 
     p = sub.add_parser("run", help="run a multi-stage recipe (steps whose inputs are unchanged are skipped)")
     p.add_argument("recipe", help="recipe YAML: out, vars, steps")
@@ -330,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     add_rag_arguments(p)
     p.set_defaults(func=_eval)
+    _add_placement(p)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")
@@ -410,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PosttrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(args, "device", None) is not None:  # a device or dtype the machine lacks, before any file is read
+            from .modeling import resolve_device, resolve_dtype
+
+            resolve_dtype(args.dtype, resolve_device(args.device))
         return 2
     except BrokenPipeError:  # `posttrain data inspect f | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

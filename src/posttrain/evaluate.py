@@ -56,8 +56,11 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
              max_new_tokens: int = 64, n_samples: int | None = None, batch_size: int = 16,
              max_length: int = 1024, checker: str | Callable | None = None, chat_template: str | None = None,
              generations_out: str | None = None, samples: int = 0, temperature: float = 1.0,
-             rag=None, seed: int = 0, quantize: str | None = None) -> dict:
-    """Every metric the inputs allow (see the module docstring); the others are None."""
+             rag=None, seed: int = 0, quantize: str | None = None, device: str | None = None,
+             dtype: str | None = None) -> dict:
+    """Every metric the inputs allow (see the module docstring); the others are None. Every model (the evaluated
+    one, the reference, the reward model) is loaded on `device` in `dtype` (None / "auto": a GPU in bf16 when
+    there is one, else the CPU in fp32), one at a time."""
     if batch_size < 1 or (n_samples is not None and n_samples < 1):
         raise ConfigError("eval: batch_size and n_samples must be at least 1")
     if samples < 0 or not temperature > 0:
@@ -67,7 +70,11 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
     if not (tasks or data or pairs):
         raise ConfigError("eval: nothing to evaluate; give tasks (--tasks), data (--data) or pairs (--pairs)")
     result: dict = {"model": str(model), "adapter": adapter and str(adapter), **dict.fromkeys(METRICS)}
-    engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize)
+    from .modeling import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize, device=device, dtype=dtype)
     rows, prompts, completions, checks, scores, sampled = [], [], [], None, None, None
     if tasks:
         rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size, rag)
@@ -84,11 +91,11 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
     policy_vocab = engine.tokenizer.get_vocab()
     del engine  # one model in memory at a time
     if policy_logps is not None:
-        result.update(_kl(reference, policy_vocab, prompts, completions, policy_logps, batch_size))
+        result.update(_kl(reference, policy_vocab, prompts, completions, policy_logps, batch_size, device, dtype))
     if reward_model:
         from .score import load_reward_model
 
-        rm, rm_tokenizer, offset = load_reward_model(reward_model)
+        rm, rm_tokenizer, offset = load_reward_model(reward_model, device, dtype)
         if completions:
             scores = _rm_scores(rm, rm_tokenizer, offset, [m for _, m in rows], [c.text for c in completions],
                                 max_length, batch_size)
@@ -190,14 +197,15 @@ def _logps(model, pad_id: int, prompts: list[list[int]], completions: list[Compl
     return sums, counts
 
 
-def _kl(reference: str, policy_vocab: dict, prompts, completions, policy_logps, batch_size: int) -> dict:
+def _kl(reference: str, policy_vocab: dict, prompts, completions, policy_logps, batch_size: int, device=None,
+        dtype=torch.float32) -> dict:
     from .modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(reference))
     if tokenizer.get_vocab() != policy_vocab:
         raise ConfigError(f"eval: the reference model {reference} has a different tokenizer than the policy; "
                           "KL needs both to score the same token ids")
-    ref_model = load_model(str(reference), tokenizer=tokenizer).eval()
+    ref_model = load_model(str(reference), tokenizer=tokenizer, dtype=dtype, device=device).eval()
     ref_sums, _ = _logps(ref_model, tokenizer.pad_token_id, prompts, completions, batch_size)
     sums, counts = policy_logps
     per_answer = [p - r for p, r in zip(sums, ref_sums)]

@@ -54,12 +54,14 @@ def output_row(row: Row, completions) -> dict:
 
 
 def generate_file(model: str, prompts_path: str, out: str, params: SamplingParams, *, adapter: str | None = None,
-                  batch_size: int = 8, chat_template: str | None = None) -> dict:
-    """Sample params.n responses per prompt; `batch_size` prompts (x n rows) are decoded together."""
+                  batch_size: int = 8, chat_template: str | None = None, device: str | None = None,
+                  dtype: str | None = None) -> dict:
+    """Sample params.n responses per prompt; `batch_size` prompts (x n rows) are decoded together, on `device` in
+    `dtype` (None / "auto": a GPU in bf16 when there is one, else the CPU in fp32)."""
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     prompts = read_prompts(prompts_path)
-    engine = Engine.load(model, adapter, dtype=torch.float32, chat_template=chat_template)
+    engine = Engine.load(model, adapter, dtype=dtype, chat_template=chat_template, device=device)
     token_prompts = [prompt_token_ids(engine, messages) for _, messages in prompts]
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,17 @@ from .data.pairs import encode_feedback, encode_preference
 from .data.sources import read_rows
 from .errors import ConfigError, DataError
 from .forward import sequence_scores
-from .modeling import resolve_model_path, load_tokenizer
+from .modeling import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
 
-def load_reward_model(path: str):
+def load_reward_model(path: str, device=None, dtype=None):
+    """(model, tokenizer, reward offset) of a reward-model directory, on `device` in `dtype` (None / "auto":
+    modeling.resolve_device / resolve_dtype: a GPU when there is one, in bf16 there; the CPU in fp32)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     path = resolve_model_path(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    placement = {"device_map": {"": device}} if device.type != "cpu" else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **placement).eval()
     if model.config.num_labels != 1:
         raise ConfigError(f"{path} is not a reward model (it has {model.config.num_labels} outputs, not 1)")
     return model, load_tokenizer(path), float(getattr(model.config, "reward_offset", 0.0) or 0.0)
@@ -58,8 +63,9 @@ def _sequence(tokenizer, example, max_length: int) -> list[list[int]]:
     return [f["prompt_ids"] + f["completion_ids"]]
 
 
-def score_file(model_dir: str, data: str, out: str, max_length: int = 1024, batch_size: int = 16) -> dict:
-    model, tokenizer, offset = load_reward_model(model_dir)
+def score_file(model_dir: str, data: str, out: str, max_length: int = 1024, batch_size: int = 16,
+               device: str | None = None, dtype: str | None = None) -> dict:
+    model, tokenizer, offset = load_reward_model(model_dir, device, dtype)
     rows = read_rows(data)
     if not rows:
         raise DataError(f"{data}: no rows")

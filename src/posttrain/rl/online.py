@@ -145,7 +145,10 @@ def reference_logps(ctx: OnlineContext, actor: PolicyWithValue, batch: dict, tem
 
 
 def setup_online(config, model, tokenizer, accelerator, options, need_reference: bool) -> OnlineContext:
-    sources = build_sources(config.rewards)
+    from ..modeling import frozen_dtype
+
+    # a reward model is frozen: on the training device, in the compute dtype
+    sources = build_sources(config.rewards, device=accelerator.device, dtype=frozen_dtype(config))
     actor = unwrap(model)
     disable_dropout(actor)  # RL compares log-probs of the same tokens across passes: whatever train.disable_dropout
     reference = None
@@ -309,8 +312,10 @@ def run_updates(trainer, n: int, epochs: int, mini_batches: int, micro: int, cou
     for epoch in range(epochs):
         for minibatch in minibatch_plan(n, mini_batches, seed=trainer.state.step * 1000 + epoch):
             total = max(total_over_processes(trainer, count(minibatch)), 1.0)
-            for indices in micro_batches(minibatch, micro):
-                micro_step(epoch, indices, total)
+            parts = micro_batches(minibatch, micro)
+            for i, indices in enumerate(parts):  # gradients synchronised on the last micro-batch only
+                with trainer.micro_batch(last=i == len(parts) - 1):
+                    micro_step(epoch, indices, total)
             norms = optimizer_update(trainer, critic_only)
             updates += 1
     return norms, updates
@@ -319,6 +324,9 @@ def run_updates(trainer, n: int, epochs: int, mini_batches: int, micro: int, cou
 def optimizer_update(trainer, critic_only: bool = False) -> tuple[float, float | None]:
     """Clip, step, zero: returns the gradient norms before clipping (the policy's, the critic's or None)."""
     if critic_only:
+        if trainer.strategy.startswith("DeepSpeed"):  # it has stepped inside the last backward already
+            raise ConfigError("ppo.critic_warmup_steps does not combine with DeepSpeed (it steps every parameter "
+                              "inside the backward); set it to 0 or train with DDP / FSDP2")
         for param in trainer.actor_params:
             param.grad = None
     norms = trainer.clip_gradients()

@@ -40,23 +40,29 @@ def value_model_source(config) -> str | None:
 
 
 def wrap(config, model, tokenizer):
-    source = value_model_source(config)
+    """The policy and its critic, both trained, in the trained dtype (modeling.trained_dtype); a separate critic
+    is a second whole model, so train.gradient_checkpointing applies to it too."""
+    from ..modeling import apply_lora, load_model, trained_dtype
+
+    source, dtype = value_model_source(config), trained_dtype(config)
     if source is None:
         hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
             else model.config.hidden_size
-        head = nn.Linear(hidden, 1)
+        head = nn.Linear(hidden, 1, dtype=dtype)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return PolicyWithValue(model, value_head=head)
-    from ..modeling import apply_lora, load_model
-
     critic = load_model(source, "reward", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
-                        attn_implementation=config.attn_implementation)
+                        attn_implementation=config.attn_implementation, dtype=dtype)
     if critic.config.vocab_size != getattr(model.config, "vocab_size", critic.config.vocab_size):
         raise ConfigError(f"ppo.value_model {source}: its vocabulary ({critic.config.vocab_size}) differs from "
                           f"the policy's; the critic reads the policy's tokens")
     if config.method == "lora":
         critic = apply_lora(critic, config.adapter, "reward")
+    if config.train.gradient_checkpointing:
+        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method == "lora":
+            critic.enable_input_require_grads()
     return PolicyWithValue(model, critic=critic.train())
 
 

@@ -197,14 +197,15 @@ def load_callable(spec: str) -> RewardFn:
     return fn
 
 
-def model_source(path: str, max_length: int = 1024, batch_size: int = 16) -> RewardFn:
+def model_source(path: str, max_length: int = 1024, batch_size: int = 16, device=None, dtype=None) -> RewardFn:
     """A reward model directory: the prompt as a user message, the completion as the assistant's answer,
-    tokenized as stage rm tokenized its training data; the model's reward_offset is added."""
+    tokenized as stage rm tokenized its training data; the model's reward_offset is added. It is loaded on
+    `device` in `dtype` (score.load_reward_model: a GPU when there is one, its compute dtype)."""
     from ..data.examples import Feedback
     from ..data.pairs import encode_feedback
     from ..score import load_reward_model, score_sequences
 
-    model, tokenizer, offset = load_reward_model(path)
+    model, tokenizer, offset = load_reward_model(path, device, dtype)
 
     def reward_model(prompts, completions, **columns):
         sequences = []
@@ -214,6 +215,7 @@ def model_source(path: str, max_length: int = 1024, batch_size: int = 16) -> Rew
             f = encode_feedback(tokenizer, example, max_length)
             sequences.append(f["prompt_ids"] + f["completion_ids"])
         return score_sequences(model, sequences, tokenizer.pad_token_id, offset, batch_size)
+    reward_model.model = model  # where it lives and in which dtype, for a look from outside
     return reward_model
 
 
@@ -259,8 +261,9 @@ def _builtin(spec: dict) -> RewardFn:
 _KINDS = ("function", "model", "builtin", "http")
 
 
-def build_sources(specs: list[dict]) -> list[RewardSource]:
-    """The `rewards:` config list -> sources; names are unique (a repeated one gets '_2', '_3', ...)."""
+def build_sources(specs: list[dict], device=None, dtype=None) -> list[RewardSource]:
+    """The `rewards:` config list -> sources; names are unique (a repeated one gets '_2', '_3', ...). Reward
+    models go to `device` in `dtype`."""
     if not specs:
         raise ConfigError("rewards: give at least one reward source")
     sources: list[RewardSource] = []
@@ -278,7 +281,8 @@ def build_sources(specs: list[dict]) -> list[RewardSource]:
         if kind == "function":
             fn, default = load_callable(spec["function"]), spec["function"].rpartition(":")[2]
         elif kind == "model":
-            fn, default = model_source(spec["model"], spec.get("max_length", 1024), spec.get("batch_size", 16)), "model"
+            fn = model_source(spec["model"], spec.get("max_length", 1024), spec.get("batch_size", 16), device, dtype)
+            default = "model"
         elif kind == "builtin":
             fn, default = _builtin(spec), spec["builtin"]
         else:
