@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from .data.chats import RowFields
 from .data.examples import Message
