@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-
 from .data.chats import RowFields
 from .data.examples import Message
 from .data.formats import check_text_only
