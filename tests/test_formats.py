@@ -134,7 +134,7 @@ BAD_ROWS = [  # (row, format, field named in the error, words in the reason)
     ({"messages": [USER, {"role": "assistant", "content": "  "}]}, "messages", "messages", "no assistant turn"),
     ({"messages": [USER, {"role": "assistant"}]}, "messages", "messages[1].content", "missing"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, ASSISTANT]}, "messages",
-     "messages[0].content[0]", "multimodal data is not supported yet ('image_url' part)"),
+     "messages[0].content[0]", "'image_url' part: images are read only by a vision-language model"),
     ({"messages": [USER, ASSISTANT], "tools": "[{"}, "messages", "tools", "not valid JSON"),
     ({"prompt": "p", "completion": ""}, "prompt_completion", "completion", "is empty"),
     ({"text": "  "}, "text", "text", "is empty"),

@@ -77,8 +77,8 @@ def lf_dir(tmp_path):
 
 def test_multimodal_rows_stop_with_the_column_and_row_named(lf_dir):
     info = str(lf_dir / "dataset_info.json")
-    with pytest.raises(DataError, match=r"mllm_demo.json:row 1: field 'images': multimodal data is not "
-                                        r"supported yet \(1 image\)") as error:
+    with pytest.raises(DataError, match=r"mllm_demo.json:row 1: field 'images': 1 image: images are read only "
+                                        r"by a vision-language model") as error:
         load_examples("mllm_demo", kind="conversation", dataset_info=info)
     assert "<image>" in str(error.value)  # says why: its placeholders would be trained as text
     # the same file read directly, and through a mapping that names another column
@@ -91,7 +91,7 @@ def test_multimodal_rows_stop_with_the_column_and_row_named(lf_dir):
     # with skip_invalid the row is left out and counted, never trained
     examples, report = load_examples("mllm_renamed", kind="conversation", dataset_info=info, skip_invalid=True)
     assert len(examples) == 1 and "<image>" not in json.dumps(examples[0].messages)
-    assert "multimodal data is not supported yet" in report.summary()
+    assert "images are read only by a vision-language model" in report.summary()
 
 
 @pytest.mark.parametrize("column", ["videos", "audios"])
@@ -99,9 +99,10 @@ def test_video_and_audio_columns_are_refused_too(tmp_path, column):
     row = {"messages": [{"role": "user", "content": "<video>Describe it."}, {"role": "assistant", "content": "Rain."}],
            column: ["clip.mp4"]}
     path = write_jsonl(tmp_path / "m.jsonl", [row])
-    with pytest.raises(DataError, match=rf"m.jsonl:1: field '{column}': multimodal data is not supported yet"):
+    with pytest.raises(DataError, match=rf"m.jsonl:1: field '{column}': 1 {column[:-1]}: videos and audio are not "
+                                        r"supported"):
         load_examples(str(path), kind="conversation")
-    assert f"field '{column}': multimodal data is not supported yet" in inspect_data(str(path))
+    assert f"field '{column}': 1 {column[:-1]}: videos and audio are not supported" in inspect_data(str(path))
 
 
 def test_multimodal_preference_rows_are_refused(tmp_path):
@@ -142,7 +143,8 @@ def test_content_part_errors_name_the_missing_key(tmp_path):
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
                           {"role": "assistant", "content": "a cat"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [image])
-    with pytest.raises(DataError, match=r"content\[0\]': multimodal data is not supported yet \('image_url' part\)"):
+    with pytest.raises(DataError, match=r"content\[0\]': 'image_url' part: images are read only by a "
+                                        r"vision-language model"):
         load_examples(str(path), kind="conversation")
     weighted = {"messages": [{"role": "user", "content": "hi"},
                              {"role": "assistant", "content": "hello", "loss_weight": 0.0}]}

@@ -286,5 +286,5 @@ def test_prompt_rows_with_images_are_refused(tiny_model, rl_files, tmp_path):
     body = rl_config(tiny_model, {**rl_files, "prompts": prompts}, tmp_path / "o", "grpo")
     from posttrain.errors import DataError
 
-    with pytest.raises(DataError, match="multimodal data is not supported yet"):
+    with pytest.raises(DataError, match="images are read only by a vision-language model"):
         run_training(build_config(body))

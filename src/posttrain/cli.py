@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(p)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
-    p.add_argument("--arch", choices=["qwen2", "llama", "gpt2"], default="qwen2")
+    p.add_argument("--arch", choices=["qwen2", "llama", "gpt2", "qwen2-vl", "llava"], default="qwen2",
+                   help="qwen2-vl, llava: a vision-language model (small vision tower, image processor, processor "
+                        "config), loadable with AutoModelForImageTextToText and AutoProcessor")
     p.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="tiny")
     p.add_argument("--tokenizer-corpus", nargs="+", required=True, help="text file(s) to train the tokenizer on")
     p.add_argument("--vocab-size", type=int, default=2048)

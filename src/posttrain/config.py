@@ -153,6 +153,12 @@ class FreezeConfig(Section):
     gradual_unfreeze: bool = Field(False, description="Unfreeze `trainable_layers` more layers (top-down) at "
                                                       "the start of every further epoch.")
     train_embeddings: bool = Field(False, description="Also train the token embeddings (and a tied LM head).")
+    vision_tower: bool = Field(True, description="Vision-language models: keep the vision encoder's weights fixed "
+                                                 "(full and freeze fine-tuning), and put no LoRA adapters in it.")
+    projector: bool = Field(True, description="Vision-language models: keep the projector (vision features into "
+                                              "the language model: LLaVA's multi_modal_projector, Qwen2-VL's "
+                                              "merger) fixed, and put no LoRA adapters in it. Both true: only the "
+                                              "language model is trained (with LoRA: adapted); both false: all of it.")
 
 
 class RewardConfig(Section):

@@ -25,6 +25,7 @@ from .losses import IGNORE, shift_labels
 from .modeling import PLAIN_HEAD_MODELS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids")  # data/vision.py (VLMs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -47,7 +48,7 @@ def attention_kernel(model: nn.Module) -> str:
 def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The batch's model inputs. A 4D attention mask is built as booleans (True = may attend), which sdpa takes
     as is; eager attention *adds* its mask to the scores, so it gets 0 / the dtype's minimum instead."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS + IMAGE_INPUTS if k in batch}
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
         kernel = attention_kernel(model)

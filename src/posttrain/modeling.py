@@ -28,7 +28,8 @@ log = logging.getLogger("posttrain")
 # Model types whose CausalLM forward is exactly `lm_head(last hidden state)`: for these forward.py applies the
 # head to trained positions only and computes log-probs chunk by chunk. Others use the full forward.
 PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "gpt2", "phi",
-                     "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2"}
+                     "phi3", "gemma", "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "starcoder2",
+                     "qwen2_vl", "qwen2_5_vl", "llava"}
 
 
 def fast_bf16() -> bool:
@@ -229,11 +230,23 @@ def load_model(name: str, task: str = "causal", *, tokenizer=None, trust_remote_
         from transformers import AutoModel
 
         model = _from_pretrained(AutoModel, name, kwargs)
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, name, kwargs)
-    if tokenizer is not None and model.config.pad_token_id is None:
+    else:  # a vision-language model's directory loads as AutoModelForImageTextToText (vlm.py)
+        model = _from_pretrained(_generative_class(name, trust_remote_code), name, kwargs)
+    if tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:  # (a VLM's is in its text_config)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _generative_class(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .data.vision import is_vision_config
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return AutoModelForCausalLM  # its own error, from from_pretrained
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
 def _from_pretrained(auto_class, name: str, kwargs: dict):
@@ -301,7 +314,8 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(m, name, 0.0)
 
 
-def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
+def apply_lora(model: PreTrainedModel, adapter, task: str = "causal", exclude: list[str] | None = None):
+    """`exclude`: module names LoRA leaves alone (a vision-language model's frozen vision parts, vlm.py)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     target = "all-linear" if adapter.target == "all-linear" else list(adapter.target)
@@ -312,7 +326,7 @@ def apply_lora(model: PreTrainedModel, adapter, task: str = "causal"):
             raise ConfigError(f"adapter.target: no module named {', '.join(missing)} in this model "
                               f"(linear modules: {', '.join(sorted(linear_module_names(model)))})")
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=target,
-                        use_rslora=adapter.rslora, use_dora=adapter.use_dora,
+                        use_rslora=adapter.rslora, use_dora=adapter.use_dora, exclude_modules=exclude or None,
                         task_type=TaskType.SEQ_CLS if task in ("classify", "reward") else TaskType.CAUSAL_LM)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training  # QLoRA: norms in fp32, input grads for checkpointing
@@ -328,9 +342,14 @@ def linear_module_names(model: nn.Module) -> set[str]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks: the longest ModuleList whose items are all the same type."""
+    """The stack of transformer blocks: the longest ModuleList whose items are all the same type (in a
+    vision-language model, of the language model)."""
+    from .vlm import part_of
+
     best: nn.ModuleList | None = None
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if part_of(name) != "language":
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
             if best is None or len(module) > len(best):
                 best = module

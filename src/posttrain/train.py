@@ -25,20 +25,27 @@ from .config import Config, dump_config
 from .data.batching import collate, collate_packed, pack
 from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
+from .data.vision import load_vision, own_positions
 from .errors import ConfigError, DataError
 from .modeling import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_model, load_tokenizer,
                        resolve_device, resolve_dtype, save_pretrained, trained_dtype, use_bf16, write_into)
 from .plots import overfitting, plot_metrics
+from .vlm import freeze_vision, is_vlm, lora_exclusions
 from .stages import STAGES, Stage
 
 log = logging.getLogger("posttrain")
 
 
-def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
-    """Load, normalise and encode train/eval data. Raises DataError before anything is written."""
+IMAGE_STAGES = ("sft", "dpo")  # the stages that read images with a vision-language model
+
+
+def prepare_data(config: Config, stage: Stage, tokenizer, vision=None) -> dict:
+    """Load, normalise and encode train/eval data. Raises DataError before anything is written. `vision` (a
+    vision-language model's data/vision.Vision): sft and dpo read the rows' images."""
     data = config.data
+    images = vision is not None and stage.name in IMAGE_STAGES
     common = dict(kind=stage.kind, dataset_info=data.dataset_info, skip_invalid=data.skip_invalid,
-                  text_split=data.text_split)
+                  text_split=data.text_split, **({"images": True} if images else {}))
     load = stage.load or load_examples
     train_examples, train_report = load(data.train, max_samples=data.max_samples, **common)
     eval_examples, eval_report = [], None
@@ -52,12 +59,13 @@ def prepare_data(config: Config, stage: Stage, tokenizer) -> dict:
     if not data.eval and data.eval_fraction > 0:
         train_examples, eval_examples = split_eval(train_examples, data.eval_fraction, config.train.seed)
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    with_vision = {"vision": vision} if images else {}
     if stage.encode is not None:
-        encode = partial(stage.encode, tokenizer=tokenizer, config=config)
+        encode = partial(stage.encode, tokenizer=tokenizer, config=config, **with_vision)
     else:
         encode = partial(encode_all, tokenizer=tokenizer, stage=stage.name, max_length=data.max_length,
                          train_on_prompt=data.train_on_prompt, label2id=label2id, skip_invalid=data.skip_invalid,
-                         keep_reasoning=data.keep_reasoning)
+                         keep_reasoning=data.keep_reasoning, **with_vision)
     train_features, train_stats = encode(train_examples)
     eval_features, eval_stats = encode(eval_examples) if eval_examples else ([], None)
     if not train_features:
@@ -103,10 +111,14 @@ def build_model(config: Config, stage: Stage, tokenizer, labels):
                        quantize=config.adapter.quantize if config.method == "lora" else None)
     if config.train.disable_dropout:  # before LoRA, so that adapter.dropout still applies
         disable_dropout(model)
-    if config.method == "lora":
-        model = apply_lora(model, config.adapter, stage.task)
+    vision_model, freeze = is_vlm(model), config.freeze
+    if config.method == "lora":  # a VLM's frozen vision parts get no adapters
+        exclude = lora_exclusions(model, freeze.vision_tower, freeze.projector) if vision_model else None
+        model = apply_lora(model, config.adapter, stage.task, exclude)
     elif config.method == "freeze":
         apply_freeze(model, config.freeze.trainable_layers, config.freeze.train_embeddings)
+    if vision_model and config.method != "lora":
+        freeze_vision(model, freeze.vision_tower, freeze.projector)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.method == "lora":
@@ -115,11 +127,14 @@ def build_model(config: Config, stage: Stage, tokenizer, labels):
     return model
 
 
-def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path, state_dict: dict | None = None) -> None:
+def save_output(model, tokenizer, config: Config, stage: Stage, out_dir: Path, state_dict: dict | None = None,
+                vision=None) -> None:
     """Write the result into out_dir through a hidden staging directory (a crash leaves no partial model).
     `state_dict`: the gathered weights of a sharded run (FSDP, DeepSpeed ZeRO-3), written instead of the module's
-    own (which holds only this process's shards)."""
+    own (which holds only this process's shards). `vision`: a VLM's processor files are written beside it."""
     def write(staging: Path) -> None:
+        if vision is not None:
+            vision.save(staging)
         to_save = model
         if config.method == "lora" and stage.task in ("classify", "reward"):
             if state_dict is not None:  # merging needs whole weights in the module
@@ -256,7 +271,11 @@ def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None
     step (tests use it to drive a stage's real code). Returns the trainer and what the summary reports."""
     stage = STAGES[config.stage]
     tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
-    data = prepare_data(config, stage, tokenizer)
+    vision = load_vision(config.model, config.trust_remote_code) if stage.task == "causal" else None
+    data = prepare_data(config, stage, tokenizer, vision)
+    if config.data.packing and own_positions(data["train"]):
+        raise ConfigError("data.packing cannot pack images for this model (it places image tokens on 3-D rotary "
+                          "positions that packed rows would overwrite); set data.packing: false")
     for key in ("train_load", "train_encode", "eval_load", "eval_encode"):
         if data["report"][key]:
             log.info("%s: %s", key.replace("_", " "), data["report"][key])
@@ -287,7 +306,7 @@ def build_trainer(config: Config, out_dir: Path, resume_from: Path | None = None
     from .trainer import Trainer
 
     trainer = Trainer(config, model, stage, units, eval_units, unit_length, collate_fn, accelerator, out_dir, ctx)
-    return trainer, {"tokenizer": tokenizer, "data": data, "trainable": trainable, "total": total}
+    return trainer, {"tokenizer": tokenizer, "data": data, "trainable": trainable, "total": total, "vision": vision}
 
 
 def gathered_state(trainer, trained, written) -> dict | None:
@@ -330,7 +349,7 @@ def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
     written = stage.unwrap(trained) if stage.unwrap else trained
     state_dict = gathered_state(trainer, trained, written)  # every process takes part under FSDP / ZeRO-3
     if accelerator.is_main_process:
-        save_output(written, tokenizer, config, stage, out_dir, state_dict)
+        save_output(written, tokenizer, config, stage, out_dir, state_dict, run["vision"])
         chance = 1 / len(data["labels"]) if data["labels"] else 0.5 if stage.name in ("rm", "dpo", "kto") else None
         plots = plot_metrics(out_dir / "metrics.jsonl", out_dir / "plots", chance=chance)
         notes = [note for note in [overfitting(out_dir / "metrics.jsonl")] if note]

@@ -11,6 +11,7 @@ import random
 import torch
 
 from posttrain.data.encode import IGNORE
+from posttrain.data.vision import pixel_batch
 
 MEGABATCH = 50  # batches per length-sorted group when grouping by length
 
@@ -64,7 +65,8 @@ def pack(lengths: list[int], max_length: int) -> list[list[int]]:
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest feature: input_ids, attention_mask (2-D) and labels (-100 on padding);
-    for classification features ("label") labels is a 1-D tensor of class ids."""
+    for classification features ("label") labels is a 1-D tensor of class ids. Features with images add the
+    model's image inputs (data/vision.py: pixel_values, ...), the images in row order."""
     width = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -80,6 +82,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         for row, f in enumerate(features):
             labels[row, :len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
         batch["labels"] = labels
+    batch.update(pixel_batch([f.get("images") for f in features], input_ids))
     return batch
 
 
@@ -131,6 +134,7 @@ def collate_packed(rows: list[list[dict]], pad_id: int, max_length: int | None =
             doc_ids[r, start:start + n] = doc
             start += n
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch.update(pixel_batch([f.get("images") for row in rows for f in row], input_ids))
     if not attn_implementation.startswith("flash_attention"):
         batch["attention_mask"] = block_causal_mask(doc_ids, attn_implementation, dtype)
     return batch

@@ -10,6 +10,7 @@ import json
 from ..errors import DataError
 from .examples import Conversation, Message
 from .sources import Row
+from .vision import IMAGE_PARTS, IMAGE_PLACEHOLDER, raw_reference
 
 # LLaMA-Factory's canonical column names -> ours, per format
 _ALIASES = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
@@ -21,7 +22,18 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
                   "function": "tool"}  # OpenAI's older name for a tool result
 ALPACA_JOIN = "\n"  # instruction + input, joined as LLaMA-Factory does ("instruction\ninput")
-MEDIA_PARTS = ("image", "video", "audio")  # content part types starting so: image_url, input_audio, ...
+MEDIA_PARTS = ("image", "video", "audio", "input_image", "input_audio")  # image_url, video_url, input_audio, ...
+IMAGES_NEED = ("images are read only by a vision-language model (one with an image processor) in sft, dpo, generate, "
+               "eval and serve")
+
+
+def media_refusal(what: str) -> str:
+    """Why a media part or column cannot be used here: images without a vision-language model (or in a stage
+    that does not read them), and videos or audio anywhere."""
+    if "image" in what:
+        return (f"{what}: {IMAGES_NEED}; a text-only model would train its <image> placeholders as plain text. "
+                "Remove it or the row (data.skip_invalid: true skips such rows, counted)")
+    return f"{what}: videos and audio are not supported (images are, with a vision-language model)"
 
 
 class RowFields:
@@ -141,9 +153,12 @@ def _content(f: RowFields, raw, where: str, role: str) -> tuple[str, list[dict]]
         if not isinstance(part, dict):
             raise f.error(f"must be a string or a content part object, got {type_name(part)}", at)
         kind = part.get("type", "text")
+        if kind in IMAGE_PARTS and f.row.images is not None:  # images allowed: a placeholder where it stands
+            f.row.images.append((raw_reference(part), at))
+            texts.append(IMAGE_PLACEHOLDER)
+            continue
         if isinstance(kind, str) and kind.startswith(MEDIA_PARTS):
-            raise f.error(f"multimodal data is not supported yet ({kind!r} part): posttrain trains on text only",
-                          at)
+            raise f.error(media_refusal(f"{kind!r} part"), at)
         if kind not in ("text", "reasoning", "tool_call"):
             raise f.error(f"unsupported content part type {kind!r} (text, reasoning and tool_call parts are read)",
                           at)

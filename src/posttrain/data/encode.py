@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from posttrain.data.examples import Conversation, Labeled, Text
+from posttrain.data.vision import IMAGE_SLOT, Pictures, content_parts
 from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
@@ -46,6 +47,7 @@ class TemplateFacts:
     call_content: str | None  # the content of an assistant turn that has tool calls and no text: None or ""
     string_arguments: bool  # tool-call arguments as a JSON string (DeepSeek-V3) instead of an object
     stops: tuple[str, ...]  # end-of-turn markers: where generation stops, so where a trained turn ends
+    string_content: bool = True  # renders a string content (some VLM templates read only a list of parts)
 
 
 _FACTS: dict[tuple, TemplateFacts] = {}
@@ -81,18 +83,35 @@ def template_facts(tokenizer) -> TemplateFacts:
     key = (str(tokenizer.chat_template), tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__)
     if key not in _FACTS:
         stops = tuple(dict.fromkeys(tokenizer.decode([i]) for i in end_of_turn_token_ids(tokenizer)))
-        _FACTS[key] = TemplateFacts(*_call_style(tokenizer), tuple(s for s in stops if s.strip()))
+        _FACTS[key] = TemplateFacts(*_call_style(tokenizer), tuple(s for s in stops if s.strip()),
+                                    _renders_strings(tokenizer))
     return _FACTS[key]
 
 
+def _renders_strings(tokenizer) -> bool:
+    """Whether the template writes a message whose content is a string; LLaVA's and SmolVLM's templates iterate
+    over content parts and would silently drop a string (then every content is handed over as text parts)."""
+    try:
+        text = _apply(tokenizer, [{"role": "user", "content": "posttrain-user"},
+                                  {"role": "assistant", "content": "posttrain-answer"}], None, False)
+    except Exception:  # noqa: BLE001 - a template that fails here fails later with its own message
+        return True
+    return "posttrain-user" in text and "posttrain-answer" in text
+
+
 def _for_template(messages: list[dict], facts: TemplateFacts) -> list[dict]:
-    """Tool-call turns in the form the template expects (see _call_style); other messages unchanged."""
+    """Tool-call turns in the form the template expects (see _call_style); a content with image slots (or any
+    string content, for templates that read only parts) as content parts, images where their slots are (see
+    data/vision.py); other messages unchanged."""
     out = []
     for message in messages:
         if message.get("role") == "assistant" and message.get("tool_calls"):
             message = {**message, "content": message.get("content") or facts.call_content}
             if facts.string_arguments:
                 message["tool_calls"] = [_string_arguments(call) for call in message["tool_calls"]]
+        content = message.get("content")
+        if isinstance(content, str) and (IMAGE_SLOT in content or not facts.string_content):
+            message = {**message, "content": content_parts(content)}
         out.append(message)
     return out
 
@@ -288,18 +307,22 @@ def _overlaps(offset: Span, spans: list[Span]) -> bool:
 # --------------------------------------------------------------------------- encoders
 
 def encode_conversation(tokenizer, conv: Conversation, max_length: int, train_on_prompt: bool = False,
-                        keep_reasoning: bool = False, counts: Counter | None = None) -> list[dict]:
+                        keep_reasoning: bool = False, counts: Counter | None = None, vision=None) -> list[dict]:
     """[{"input_ids", "labels" (-100 where not trained), "truncated"}]: the whole chat with its assistant turns
     trained. With keep_reasoning, each turn whose reasoning the template drops from the whole chat is instead
     trained in a sequence of its own: the chat rendered up to that turn as the final one, only that turn trained
     (train_on_prompt applies to the whole chat). `counts` (if given) receives, per turn, the parts the template
-    left out ("tool calls", "content", "reasoning", ...) and under "apart" the turns trained on their own."""
+    left out ("tool calls", "content", "reasoning", ...) and under "apart" the turns trained on their own.
+    With `vision` (data/vision.py) a chat's images become image tokens and the feature's "images"."""
+    if conv.images and vision is None:
+        raise DataError("this example has images, which need a vision-language model", conv.source, "images")
     text, turns = render_turns(tokenizer, conv)
     apart = [turn for turn in turns if keep_reasoning and "reasoning" in turn.left_out and turn.alone]
     sequences = [(turn.alone[0], [turn.alone[1]], False) for turn in apart]
     sequences.append((text, [turn.span for turn in turns if turn.trained and turn not in apart], train_on_prompt))
-    features = [feature for rendered, spans, every in sequences
-                if (feature := _masked(tokenizer, conv, rendered, spans, every, max_length))]
+    features = [feature for n, (rendered, spans, every) in enumerate(sequences)
+                if (feature := _masked(tokenizer, conv, rendered, spans, every, max_length, vision,
+                                       whole=n == len(sequences) - 1))]
     if not features:
         raise SkippableError("the conversation has no assistant message to train on", conv.source, "messages",
                              "no assistant message")
@@ -310,20 +333,46 @@ def encode_conversation(tokenizer, conv: Conversation, max_length: int, train_on
     return features
 
 
-def _masked(tokenizer, conv: Conversation, text: str, spans: list[Span], every: bool, max_length: int) -> dict | None:
-    """One feature from a rendered text and its trained character spans; None when nothing is trained."""
+def _masked(tokenizer, conv: Conversation, text: str, spans: list[Span], every: bool, max_length: int, vision=None,
+            whole: bool = True) -> dict | None:
+    """One feature from a rendered text and its trained character spans; None when nothing is trained. `whole`:
+    the text is the whole chat, so it must hold every image of the conversation."""
     input_ids, offsets = _fast_encode(tokenizer, text)
     trained = [every or _overlaps(o, spans) for o in offsets]
     if not any(trained):
         return None
+    pictures = None
+    if conv.images:
+        input_ids, trained, pictures = expand_images(vision, input_ids, trained, conv.images, conv.source, whole)
     truncated = len(input_ids) > max_length
+    if truncated and pictures and vision.image_token_id in input_ids[max_length:]:
+        raise SkippableError(f"the image tokens do not fit in max_length ({len(input_ids)} tokens > {max_length})",
+                             conv.source, "images", "images beyond max_length")
     if truncated and not any(trained[:max_length]):
         prompt = trained.index(True)
         raise SkippableError(f"prompt is longer than max_length ({prompt} tokens > {max_length})", conv.source,
                              "messages", "prompt longer than max_length")
     input_ids, trained = input_ids[:max_length], trained[:max_length]
     labels = [t if keep else IGNORE for t, keep in zip(input_ids, trained)]
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    feature = {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    if pictures:
+        feature["images"] = pictures
+    return feature
+
+
+def expand_images(vision, input_ids: list[int], trained: list[bool], images: list[str], source, whole: bool = True):
+    """(ids, trained flags, Pictures) with each image token repeated for its image (vision.Vision.expand); a text
+    that should hold every image but does not (the template left some out), or an unreadable image, is a
+    SkippableError naming the row."""
+    try:
+        input_ids, trained, used = vision.expand(input_ids, trained, images)
+    except ValueError as exc:
+        kind = "unreadable image" if str(exc).startswith("unreadable image") else "image tokens do not match"
+        raise SkippableError(str(exc), source, "images", kind) from None
+    if whole and used != len(images):
+        raise SkippableError(f"the chat template wrote {used} image tokens for {len(images)} images", source,
+                             "images", "image tokens do not match")
+    return input_ids, trained, Pictures(tuple(images[:used]), vision) if used else None
 
 
 def encode_text(tokenizer, text: Text, max_length: int) -> list[dict]:
@@ -413,7 +462,7 @@ _EXPECTED = {"pt": Text, "sft": Conversation, "classify": Labeled}
 
 
 def _encode_one(example, tokenizer, stage, max_length, train_on_prompt, label2id, keep_reasoning,
-                counts) -> list[dict]:
+                counts, vision=None) -> list[dict]:
     expected = _EXPECTED[stage]
     if not isinstance(example, expected):
         raise DataError(f"stage '{stage}' needs {expected.__name__} examples, got {type(example).__name__}",
@@ -421,7 +470,7 @@ def _encode_one(example, tokenizer, stage, max_length, train_on_prompt, label2id
     if stage == "pt":
         return encode_text(tokenizer, example, max_length)
     if stage == "sft":
-        return encode_conversation(tokenizer, example, max_length, train_on_prompt, keep_reasoning, counts)
+        return encode_conversation(tokenizer, example, max_length, train_on_prompt, keep_reasoning, counts, vision)
     return [encode_labeled(tokenizer, example, label2id, max_length)]
 
 
@@ -433,10 +482,11 @@ def _trained(feature: dict) -> int:
 
 def encode_all(examples: Iterable, tokenizer, stage: str, *, max_length: int, train_on_prompt: bool = False,
                label2id: dict | None = None, skip_invalid: bool = False, keep_reasoning: bool = False,
-               warn: bool = True) -> tuple[list[dict], EncodeStats]:
+               warn: bool = True, vision=None) -> tuple[list[dict], EncodeStats]:
     """Encode a dataset for `stage` ("pt", "sft", "classify"). Per-example problems raise a DataError naming
     the example's source, or with skip_invalid are skipped and counted by reason in the stats. What the chat
-    template leaves out of assistant turns is counted in the stats and, with `warn`, logged once per kind."""
+    template leaves out of assistant turns is counted in the stats and, with `warn`, logged once per kind.
+    `vision` (data/vision.Vision, for a vision-language model) turns conversations' images into image tokens."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}' (choose from {', '.join(STAGES)})")
     examples = list(examples)
@@ -449,7 +499,7 @@ def encode_all(examples: Iterable, tokenizer, stage: str, *, max_length: int, tr
     for example in examples:
         counts = Counter()
         encoded = stats.attempt(lambda: _encode_one(example, tokenizer, stage, max_length, train_on_prompt,
-                                                    label2id, keep_reasoning, counts), skip_invalid)
+                                                    label2id, keep_reasoning, counts, vision), skip_invalid)
         if encoded is None:
             continue
         stats.apart += counts.pop("apart", 0)

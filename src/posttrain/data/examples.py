@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # A message is a plain dict {"role": "system"|"user"|"assistant"|"tool", "content": str},
-# optionally with "tool_calls" (list) or "name" (str) as in OpenAI's format.
+# optionally with "tool_calls" (list) or "name" (str) as in OpenAI's format. An image's place in the content is
+# vision.IMAGE_SLOT; the example's `images` lists their references (absolute paths or data URLs) in text order.
 Message = dict[str, Any]
 
 
@@ -28,6 +29,7 @@ class Conversation:
     messages: list[Message]
     tools: list[dict] | None = None
     source: str = ""
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Preference:
     rejected: list[Message]
     margin: float | None = None
     source: str = ""
+    images: list[str] = field(default_factory=list)  # the prompt's
 
 
 @dataclass

@@ -12,12 +12,16 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import DataSource
 from ..errors import DataError
 from . import preference
-from .chats import RowFields, alpaca_conversation, messages_conversation, prompt_completion_conversation, sharegpt_conversation, type_name
-from .examples import Example, Labeled, Text
+from . import vision
+from .chats import (RowFields, alpaca_conversation, media_refusal, messages_conversation,
+                    prompt_completion_conversation, sharegpt_conversation, type_name)
+from .examples import Example, Labeled, Preference, Text
+from .vision import raw_reference
 from .sources import Plan, Row, read_dataset_info, read_rows, resolve_source
 
 log = logging.getLogger("posttrain")
@@ -59,28 +63,96 @@ def check_kind(fmt: str, kind: str, location: str) -> None:
 
 
 MEDIA_COLUMNS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
+IMAGE_KINDS = ("conversation", "preference")  # the example kinds that carry images (sft, dpo)
+
+
+def _media_column(f: RowFields, key: str) -> tuple[object, str]:
+    """(value, field name) of a media column; for images also the seeds' single `image` column."""
+    value, name = f.get(key), f.name(key)
+    if key == "images" and value is None and "images" not in f.names and "image" in f.row.data:
+        value, name = f.row.data["image"], "image"
+    return value, name
 
 
 def check_text_only(row: Row, fmt: str, columns: dict | None) -> None:
-    """Multimodal training does not exist yet: a row with images, videos or audios (LLaMA-Factory's mllm
-    columns, also under another name through a dataset_info column mapping) stops here, rather than train its
-    <image> placeholders as plain text. The one place to lift when multimodal data is supported."""
+    """Where images cannot be used (a text-only model, a stage that does not read them), a row with images,
+    videos or audios (LLaMA-Factory's mllm columns, also under another name through a dataset_info column
+    mapping, or a single `image`) stops here, rather than train its <image> placeholders as plain text. Image
+    content parts are refused while parsing (chats.media_refusal)."""
     f = RowFields(row, fmt, columns)
     for key in MEDIA_COLUMNS:
-        value = f.get(key)
+        value, name = _media_column(f, key)
         if value:  # null or an empty list: a text-only row
             count = len(value) if isinstance(value, list) else 1
-            raise f.error(f"multimodal data is not supported yet ({count} {key[:-1] if count == 1 else key}): "
-                          f"posttrain trains on text only, and the row's <{key[:-1]}> placeholders would be trained "
-                          "as plain text; remove the column or the row (data.skip_invalid: true skips such rows, "
-                          "counted)", f.name(key))
+            raise f.error(media_refusal(f"{count} {key[:-1] if count == 1 else key}"), name)
+
+
+def attach_images(example: Example, row: Row, fmt: str, columns: dict | None, dirs: list[Path]) -> Example:
+    """Give an example read with images allowed its images: the `images` (or `image`) column, or the image parts
+    met while parsing (row.images), each resolved against `dirs` and checked to exist; every `<image>` placeholder
+    becomes an image slot. The placeholders must match the images one to one."""
+    f = RowFields(row, fmt, columns)
+    for key in ("videos", "audios"):
+        value, name = _media_column(f, key)
+        if value:
+            raise f.error(media_refusal(key), name)
+    value, name = _media_column(f, "images")
+    column = value if isinstance(value, list) else [] if value in (None, "") else [value]
+    if column and row.images:
+        raise f.error("images come both from this column and from image parts in the messages; use one of them",
+                      name)
+    entries = [(item, f"{name}[{i}]" if isinstance(value, list) else name) for i, item in enumerate(column)]
+    entries += row.images or []
+    refs = []
+    for item, where in entries:
+        ref = raw_reference(item)
+        if ref is None:
+            raise f.error(f"an image must be a file path, a data URL or {{'bytes': ...}}, got {type_name(item)}",
+                          where)
+        try:
+            refs.append(vision.resolve(ref, dirs))
+        except ValueError as exc:
+            error = f.error(str(exc), where)
+            error.kind = str(exc).split(" (")[0].split(":")[0]  # counted without the file name (skip_reason)
+            raise error from None
+    if isinstance(example, Preference):
+        if vision.place_images([example.chosen, example.rejected], 0)[1]:
+            raise f.error("an <image> placeholder in chosen or rejected: images belong to the prompt", name)
+        lists = [example.prompt]
+    else:
+        lists = [example.messages]
+    placed, found = vision.place_images(lists, len(refs))
+    if found != len(refs):
+        plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")  # noqa: E731
+        raise f.error(f"{plural(len(refs), 'image')} but {plural(found, '<image> placeholder')} in the messages: "
+                      "each image needs one <image> where it belongs", entries[0][1] if entries else name)
+    if isinstance(example, Preference):
+        example.prompt = placed[0]
+    else:
+        example.messages = placed[0]
+    example.images = refs
+    return example
 
 
 def to_example(row: Row, fmt: str, *, kind: str, columns: dict | None = None, tags: dict | None = None,
-               system: str | None = None) -> Example:
-    """Normalise one row; `system` is a default system prompt for rows that bring none."""
+               system: str | None = None, images: bool = False, media_dirs: list[Path] | None = None) -> Example:
+    """Normalise one row; `system` is a default system prompt for rows that bring none. With `images` (a
+    vision-language model, kinds conversation and preference) the row's images are read, their relative paths
+    looked up in `media_dirs`; without, a row with images is refused (check_text_only)."""
     check_kind(fmt, kind, row.location)
-    check_text_only(row, fmt, columns)
+    if images and kind not in IMAGE_KINDS:
+        raise ValueError(f"images are read for {', '.join(IMAGE_KINDS)} examples, not {kind}")
+    if images:
+        row = Row(row.data, row.location, images=[])
+    else:
+        check_text_only(row, fmt, columns)
+    example = _normalise(row, fmt, kind, columns, tags, system)
+    if images:
+        attach_images(example, row, fmt, columns, list(media_dirs or []))
+    return example
+
+
+def _normalise(row: Row, fmt: str, kind: str, columns: dict | None, tags: dict | None, system: str | None) -> Example:
     if fmt in preference.FORMATS:  # Preference, Feedback, Ranking (IdenticalPair for chosen == rejected)
         return preference.to_example(row, fmt, columns, tags, system)
     f = RowFields(row, fmt, columns)
@@ -162,10 +234,11 @@ class LoadReport:
 
 def skip_reason(error: DataError) -> str:
     """The count key: the reason and the field with list indices dropped, so like errors add up."""
+    reason = getattr(error, "kind", None) or error.reason
     if not error.field:
-        return error.reason
+        return reason
     field_name = re.sub(r"\[\d+\]", "[]", error.field)
-    return f"field '{field_name}': {error.reason}"
+    return f"field '{field_name}': {reason}"
 
 
 def as_sources(sources) -> list[DataSource]:
@@ -175,7 +248,8 @@ def as_sources(sources) -> list[DataSource]:
             for item in items]
 
 
-def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report: LoadReport) -> list[Example]:
+def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report: LoadReport, images: bool = False,
+              info_dir: Path | None = None) -> list[Example]:
     errors: list[DataError] | None = [] if skip_invalid else None
     rows = read_rows(plan.path, text_split=text_split, errors=errors, notes=report.notes)
     report.skipped.update(skip_reason(error) for error in errors or [])
@@ -185,11 +259,14 @@ def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report
     if fmt != "auto":
         check_kind(fmt, kind, plan.path)
     examples: list[Example] = []
+    local = Path(plan.path)
+    media_dirs = [d for d in (local if local.is_dir() else local.parent, info_dir) if d is not None and d.is_dir()]
     for row in rows:
         if plan.max_samples is not None and len(examples) >= plan.max_samples:
             break
         try:
-            examples.append(to_example(row, fmt, kind=kind, columns=plan.columns, tags=plan.tags))
+            examples.append(to_example(row, fmt, kind=kind, columns=plan.columns, tags=plan.tags, images=images,
+                                       media_dirs=media_dirs))
         except preference.IdenticalPair as pair:
             log.warning("%s (skipped)", pair)
             report.dropped[pair.reason] += 1
@@ -203,9 +280,10 @@ def _load_one(plan: Plan, kind: str, skip_invalid: bool, text_split: str, report
 
 
 def load_examples(sources, *, kind: str, dataset_info: str | None = None, skip_invalid: bool = False,
-                  text_split: str = "auto",
-                  max_samples: int | None = None) -> tuple[list[Example], LoadReport]:
-    """Read and normalise one or several sources (concatenated in order) for a stage's `kind`."""
+                  text_split: str = "auto", max_samples: int | None = None,
+                  images: bool = False) -> tuple[list[Example], LoadReport]:
+    """Read and normalise one or several sources (concatenated in order) for a stage's `kind`. `images`: read the
+    rows' images (for a vision-language model; see to_example), else refuse rows that have some."""
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
     info = read_dataset_info(dataset_info) if dataset_info else None
@@ -213,7 +291,8 @@ def load_examples(sources, *, kind: str, dataset_info: str | None = None, skip_i
     specs = as_sources(sources)
     for source in specs:
         plan = resolve_source(source, info, dataset_info, kind)
-        examples += _load_one(plan, kind, skip_invalid, text_split, report)
+        examples += _load_one(plan, kind, skip_invalid, text_split, report, images,
+                              Path(dataset_info).parent if dataset_info else None)
     if max_samples is not None and len(examples) > max_samples:
         examples, budget = examples[:max_samples], max_samples
         for entry in report.sources:

@@ -19,8 +19,9 @@ import torch
 
 from ..errors import DataError
 from .encode import (IGNORE, EncodeStats, SkippableError, render_chat, assistant_spans, check_chat_template,
-                     missing_parts)
+                     expand_images, missing_parts)
 from .examples import Conversation, Feedback, Message, Preference
+from .vision import pixel_batch
 
 log = logging.getLogger("posttrain")
 
@@ -45,9 +46,12 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], source: str, max_length: int,
-            max_prompt_length: int | None, counts: Counter | None = None) -> tuple[list[int], list[list[int]], bool]:
-    """(prompt ids, ids of each response, truncated) under the module's truncation rule. `counts` (if given)
-    receives the parts of response turns the template leaves out (as encode.encode_conversation)."""
+            max_prompt_length: int | None, counts: Counter | None = None, images: list[str] | None = None,
+            vision=None) -> tuple[list[int], list[list[int]], bool, object]:
+    """(prompt ids, ids of each response, truncated, the prompt's Pictures or None) under the module's truncation
+    rule. `counts` (if given) receives the parts of response turns the template leaves out (as
+    encode.encode_conversation). The prompt's `images` become image tokens (data/vision.py), which truncation
+    must not cut."""
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
@@ -64,27 +68,40 @@ def _encode(tokenizer, prompt: list[Message], responses: list[list[Message]], so
             if message["role"] == "assistant":
                 counts.update(missing_parts(message, text, text))
     prompt_ids, response_ids = _ids(tokenizer, prompt_text), [_ids(tokenizer, t) for t in texts]
+    pictures = None
+    if images:
+        if vision is None:
+            raise DataError("this example has images, which need a vision-language model", source, "images")
+        prompt_ids, _, pictures = expand_images(vision, prompt_ids, [False] * len(prompt_ids), images, source)
     truncated = len(prompt_ids) + max(map(len, response_ids)) > max_length
     if truncated:
+        if pictures and vision.image_token_id in prompt_ids[:-max_prompt_length]:
+            raise SkippableError(f"the prompt's image tokens do not fit in max_prompt_length ({max_prompt_length})",
+                                 source, "images", "images beyond max_length")
         prompt_ids = prompt_ids[-max_prompt_length:]
         response_ids = [ids[:max_length - len(prompt_ids)] for ids in response_ids]
-    return prompt_ids, response_ids, truncated
+    return prompt_ids, response_ids, truncated, pictures
 
 
 def encode_preference(tokenizer, ex: Preference, max_length: int, max_prompt_length: int | None = None,
-                      counts: Counter | None = None) -> dict:
-    """{"prompt_ids", "chosen_ids", "rejected_ids", "margin", "truncated"}; see the module's truncation rule."""
-    prompt_ids, (chosen, rejected), truncated = _encode(tokenizer, ex.prompt, [ex.chosen, ex.rejected],
-                                                        ex.source, max_length, max_prompt_length, counts)
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin,
-            "truncated": truncated}
+                      counts: Counter | None = None, vision=None) -> dict:
+    """{"prompt_ids", "chosen_ids", "rejected_ids", "margin", "truncated"} and "images" (the prompt's Pictures)
+    when it has some; see the module's truncation rule."""
+    prompt_ids, (chosen, rejected), truncated, pictures = _encode(
+        tokenizer, ex.prompt, [ex.chosen, ex.rejected], ex.source, max_length, max_prompt_length, counts,
+        ex.images, vision)
+    feature = {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin,
+               "truncated": truncated}
+    if pictures:
+        feature["images"] = pictures
+    return feature
 
 
 def encode_feedback(tokenizer, ex: Feedback, max_length: int, max_prompt_length: int | None = None,
                     counts: Counter | None = None) -> dict:
     """{"prompt_ids", "completion_ids", "desirable", "truncated"}; the same truncation rule as pairs."""
-    prompt_ids, (completion,), truncated = _encode(tokenizer, ex.prompt, [ex.completion], ex.source,
-                                                   max_length, max_prompt_length, counts)
+    prompt_ids, (completion,), truncated, _ = _encode(tokenizer, ex.prompt, [ex.completion], ex.source,
+                                                      max_length, max_prompt_length, counts)
     return {"prompt_ids": prompt_ids, "completion_ids": completion, "desirable": ex.desirable,
             "truncated": truncated}
 
@@ -96,7 +113,7 @@ PairStats = EncodeStats
 
 
 def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length, max_prompt_length,
-                skip_invalid, warn) -> tuple[list[dict], PairStats]:
+                skip_invalid, warn, **options) -> tuple[list[dict], PairStats]:
     check_chat_template(tokenizer)  # a config problem, never skipped example by example
     features, stats = [], PairStats()
     for ex in examples:
@@ -104,7 +121,8 @@ def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length
             raise DataError(f"expected {expected.__name__} examples, got {type(ex).__name__}",
                             getattr(ex, "source", None))
         counts = Counter()
-        feature = stats.attempt(lambda: encode(tokenizer, ex, max_length, max_prompt_length, counts), skip_invalid)
+        feature = stats.attempt(lambda: encode(tokenizer, ex, max_length, max_prompt_length, counts, **options),
+                                skip_invalid)
         if feature is None:
             continue
         stats.left_out.update(counts)
@@ -120,11 +138,12 @@ def _encode_all(examples, encode, expected, response_keys, tokenizer, max_length
 
 def encode_preferences(examples: Iterable[Preference], tokenizer, *, max_length: int,
                        max_prompt_length: int | None = None, skip_invalid: bool = False,
-                       warn: bool = True) -> tuple[list[dict], PairStats]:
+                       warn: bool = True, vision=None) -> tuple[list[dict], PairStats]:
     """Encode pairs for rm/dpo; per-example problems raise, or with skip_invalid are counted by reason. What
-    the chat template leaves out of the responses is counted and, with `warn`, logged once."""
+    the chat template leaves out of the responses is counted and, with `warn`, logged once. `vision`: the
+    prompts' images become image tokens (a vision-language model; data/vision.py)."""
     return _encode_all(examples, encode_preference, Preference, ("chosen_ids", "rejected_ids"), tokenizer,
-                       max_length, max_prompt_length, skip_invalid, warn)
+                       max_length, max_prompt_length, skip_invalid, warn, vision=vision)
 
 
 def encode_feedbacks(examples: Iterable[Feedback], tokenizer, *, max_length: int,
@@ -163,6 +182,7 @@ def collate_pairs(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     prompts = [f["prompt_ids"] for f in features] * 2
     responses = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
     batch = _rows(prompts, responses, pad_id)
+    batch.update(pixel_batch([f.get("images") for f in features] * 2, batch["input_ids"]))
     if any(f.get("margin") is not None for f in features):
         batch["margin"] = torch.tensor([f.get("margin") or 0.0 for f in features], dtype=torch.float32)
     return {**batch, **_reference(features)}

@@ -29,6 +29,7 @@ class Row:
 
     data: dict
     location: str
+    images: list | None = None  # image parts met while parsing, as (reference, field); None: images not allowed
 
 
 def read_rows(path: str, *, text_split: str = "auto", errors: list | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..data.pairs import collate_pairs
+from ..data.vision import own_positions
 from ..losses import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_rewards
 from ..forward import prefix_sharing_on, sequence_logps
 from ..reference import Reference
@@ -25,7 +26,8 @@ def setup(config, model, tokenizer, accelerator) -> StageContext:
 
 
 def collate(features, pad_id, ctx):
-    if ctx is not None and ctx.extra.get("prefix_sharing"):
+    # images whose positions the model works out itself (Qwen2-VL) cannot take the shared layout's position_ids
+    if ctx is not None and ctx.extra.get("prefix_sharing") and not own_positions(features):
         return collate_shared_prefix(features, pad_id)
     return collate_pairs(features, pad_id)
 

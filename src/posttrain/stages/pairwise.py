@@ -51,12 +51,13 @@ def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], 
                     unit[key] = value
 
 
-def encode_pairs(examples, tokenizer, config):
-    """Preference pairs for rm and dpo, under the data section's length limits."""
+def encode_pairs(examples, tokenizer, config, vision=None):
+    """Preference pairs for rm and dpo, under the data section's length limits (`vision`: dpo's images)."""
     from ..data.pairs import encode_preferences
 
     return encode_preferences(examples, tokenizer, max_length=config.data.max_length,
-                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid)
+                              max_prompt_length=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid,
+                              vision=vision)
 
 
 def pair_tokens(feature: dict) -> int:

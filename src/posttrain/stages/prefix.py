@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.vision import pixel_batch
+
 PROMPT, CHOSEN, REJECTED = 1, 2, 3
 
 
@@ -56,6 +58,7 @@ def collate_shared_prefix(features: list[dict], pad_id: int) -> dict:
              "last_tokens": torch.tensor(last_chosen + last_rejected),
              "predictor": torch.tensor(predictor), "target": torch.tensor(target), "slot": torch.tensor(slot),
              "slot_count": torch.tensor(2 * n), "pair_count": torch.tensor(n), "shared_prefix": torch.tensor(1)}
+    batch.update(pixel_batch([f.get("images") for f in features], input_ids))
     if any(f.get("margin") is not None for f in features):
         batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features])
     for key in features[0]:
