@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -236,6 +238,13 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def fit(self, resume_from: Path | None = None) -> dict:
+        stop = StopRequest(self.accelerator.num_processes)
+        try:
+            return self._fit(resume_from, stop)
+        finally:
+            stop.restore()
+
+    def _fit(self, resume_from: Path | None, stop: "StopRequest") -> dict:
         acc, cfg = self.accelerator, self.train_cfg
         metrics_file = self.out_dir / "metrics.jsonl"
         if self.stage.prepare is not None:  # before a checkpoint replaces the initial weights
@@ -290,6 +299,11 @@ class Trainer:
             bar.update(1)
             if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
                 self.save_checkpoint()
+            if stop.requested and not last:
+                bar.close()
+                stop.restore()  # a second SIGTERM while the checkpoint is written ends the run at once
+                saved = self.save_checkpoint()
+                raise KeyboardInterrupt(f"stopped (SIGTERM) after step {state.step}; checkpoint {saved}")
         bar.close()
         self.state.runtime_s += time.time() - started
         if self.best_weights is not None and self.state.best_step != self.state.step:
@@ -362,6 +376,28 @@ class Trainer:
                                     rank=acc.process_index,
                                     is_main=acc.is_main_process, keep=self.train_cfg.save_total_limit,
                                     barrier=acc.wait_for_everyone, sharded_by=acc if self.sharded else None)
+
+
+class StopRequest:
+    """SIGTERM asks a single-process run to stop after the current step: fit() writes a checkpoint and raises
+    KeyboardInterrupt, so `resume=auto` continues from there (the web UI's Stop; a scheduler's preemption). A
+    second SIGTERM, or one in a distributed run or outside the main thread, keeps the default (end at once)."""
+
+    def __init__(self, processes: int):
+        self.requested, self.previous = False, None
+        if processes == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: stop now
+            self.restore()
+            signal.raise_signal(signal.SIGTERM)
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def _new_window() -> dict:
