@@ -9,6 +9,10 @@ config is a list of specs, combined as a weighted sum:
     {builtin: NAME, weight: 1.0, ...options}                       one of BUILTINS below
     {http: URL, weight: 1.0, timeout: 30}                          POST {prompts, completions, columns},
                                                                    answer {"rewards": [...]}
+    {judge: {url, model, rubric, mode: pointwise|pairwise}}        a judge model behind an OpenAI-compatible
+                                                                   endpoint scores (pointwise, 1..10 -> 0..1) or
+                                                                   compares (pairwise: share of wins within the
+                                                                   prompt's answers) by the rubric (Judge below)
 Any spec may also carry `name:` (used in errors and in the `reward/<name>` metrics).
 
 A value of None means "no reward for this completion": an error, unless skip_invalid (then it counts as 0
@@ -17,10 +21,12 @@ stops with an error naming the source and the prompt index.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import numbers
 import os
@@ -258,7 +264,7 @@ def _builtin(spec: dict) -> RewardFn:
     return lambda prompts, completions, **columns: fn(prompts, completions, columns, **options)
 
 
-_KINDS = ("function", "model", "builtin", "http")
+_KINDS = ("function", "model", "builtin", "http", "judge")
 
 
 def build_sources(specs: list[dict], device=None, dtype=None) -> list[RewardSource]:
@@ -285,6 +291,8 @@ def build_sources(specs: list[dict], device=None, dtype=None) -> list[RewardSour
             default = "model"
         elif kind == "builtin":
             fn, default = _builtin(spec), spec["builtin"]
+        elif kind == "judge":
+            fn, default = judge_source(spec["judge"]), "judge"
         else:
             fn, default = http_source(spec["http"], spec.get("timeout", 30.0)), "http"
         name, taken = spec.get("name", default), {s.name for s in sources}
@@ -365,3 +373,238 @@ def score(sources: list[RewardSource], prompts: list[str], completions: list[str
     if skip_invalid:
         metrics["reward/skipped"] = skipped
     return totals, metrics
+
+
+# --------------------------------------------------------------------------- AI feedback: a judge model
+# {judge: {url, model, rubric, mode: pointwise|pairwise, ...}}: a strong model behind any OpenAI-compatible
+# endpoint (another `posttrain serve` included) scores or compares answers by written principles (RLAIF,
+# Constitutional AI). Its verdicts are parsed leniently (several phrasings, markdown, a <think> block first);
+# one that cannot be read is malformed: counted, logged, and returned as None (no reward), never as 0.
+
+JUDGE_KEYS = {"url", "model", "rubric", "mode", "scale", "timeout", "max_tokens", "cache", "swap", "workers",
+              "api_key_env"}
+POINTWISE_INSTRUCTION = ("You judge answers by these principles:\n{rubric}\n\nRate the answer to the question. Reply "
+                         "with one line: `Score: N`, N a whole number from 1 (worst) to {scale} (best).")
+PAIRWISE_INSTRUCTION = ("You judge answers by these principles:\n{rubric}\n\nCompare two answers to the question. "
+                        "Reply with one line: `Verdict: A`, `Verdict: B` or `Verdict: tie`.")
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_SCORE = re.compile(r"(?:score|rating|grade)\**\s*(?:is|=|:)?\s*\**\s*\[{0,2}" + _NUMBER + r"\]{0,2}"
+                    r"(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
+_VERDICT = re.compile(r"(?:verdict|winner|better answer|better|choice)\**\s*(?:is|=|:)?\s*\**\s*(?:answer\s+)?"
+                      r"\[{0,2}\s*(A|B|tie)\b", re.IGNORECASE)
+
+
+def _judge_text(text: str) -> str:
+    return _THINK.sub(" ", str(text or "")).strip()
+
+
+def parse_score(text: str, scale: int = 10) -> float | None:
+    """The score in a judge's reply (1..scale), or None when it cannot be read: `Score: 7`, `**Rating:** 7/10`,
+    `[[7]]`, a bare `7`, JSON {"score": 7}. The last explicit `score` phrase wins (judges restate)."""
+    body = _judge_text(text)
+    found = _SCORE.findall(body)
+    value, out_of = (found[-1] if found else (None, None))
+    if value is None:
+        brackets = re.findall(r"\[\[" + _NUMBER + r"\]\]", body)
+        whole = re.fullmatch(r"[\s*`]*" + _NUMBER + r"(?:\s*/\s*(\d+))?[\s*`.]*", body)
+        if brackets:
+            value = brackets[-1]
+        elif whole:
+            value, out_of = whole.group(1), whole.group(2)
+        else:
+            try:
+                data = json.loads(body)
+                value = data.get("score") if isinstance(data, dict) else None
+            except ValueError:
+                value = None
+    try:
+        number = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    if number is None or (out_of and int(out_of) != scale) or not 1 <= number <= scale:
+        return None
+    return number
+
+
+def parse_verdict(text: str) -> str | None:
+    """"A", "B" or "tie" from a judge's reply, or None: `Verdict: A`, `**Winner**: B`, `[[A]]` (`[[C]]` = tie, as
+    MT-Bench writes it), a bare `B.`, `Tie`. The last explicit verdict phrase wins."""
+    body = _judge_text(text)
+    found = _VERDICT.findall(body)
+    if found:
+        choice = found[-1]
+    else:
+        brackets = re.findall(r"\[\[\s*(A|B|C|tie)\s*\]\]", body, re.IGNORECASE)
+        whole = re.fullmatch(r"[\s*`\"'(]*(A|B|tie)[\s*`\"').!]*", body, re.IGNORECASE)
+        choice = brackets[-1] if brackets else whole.group(1) if whole else None
+    if choice is None:
+        return None
+    choice = choice.lower()
+    return "tie" if choice in ("tie", "c") else choice.upper()
+
+
+class Judge:
+    """Scores (pointwise) or compares (pairwise) answers through a judge model's chat completions. Well-formed
+    verdicts are cached (in memory, and in the JSONL file `cache` when given) by the exact request, so asking
+    again costs nothing. `stats` counts requests, cache hits and malformed verdicts; `malformed` keeps the last
+    few unreadable replies."""
+
+    def __init__(self, url: str, model: str, rubric: str, mode: str = "pointwise", scale: int = 10,
+                 timeout: float = 60.0, max_tokens: int = 32, cache: str | None = None, swap: bool = True,
+                 workers: int = 4, api_key_env: str | None = None):
+        if mode not in ("pointwise", "pairwise"):
+            raise ConfigError(f"judge mode {mode!r}: choose pointwise or pairwise")
+        if not isinstance(scale, int) or scale < 2:
+            raise ConfigError(f"judge scale must be an integer of at least 2, got {scale!r}")
+        if not str(rubric or "").strip():
+            raise ConfigError("judge: give a rubric (the principles to judge by, or a .txt/.md file of them)")
+        rubric = str(rubric)
+        if rubric.endswith((".txt", ".md")) and "\n" not in rubric:
+            path = Path(rubric)
+            if not path.is_file():
+                raise ConfigError(f"judge rubric file not found: {path}")
+            rubric = path.read_text(encoding="utf-8")
+        base = str(url).rstrip("/")
+        self.endpoint = base if base.endswith("/chat/completions") else \
+            base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.model, self.rubric, self.mode, self.scale = model, rubric, mode, scale
+        self.timeout, self.max_tokens, self.swap, self.workers = timeout, max_tokens, swap, max(1, workers)
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and self.api_key is None:
+            raise ConfigError(f"judge api_key_env: the environment variable {api_key_env} is not set")
+        self.stats = {"requests": 0, "cached": 0, "malformed": 0}
+        self.malformed: list[str] = []
+        self.cache_path = Path(cache) if cache else None
+        self.cache: dict[str, str] = {}
+        if self.cache_path is not None and self.cache_path.is_file():
+            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["verdict"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short: asked again
+
+    # ------------------------------------------------------------ one verdict
+    def _messages(self, prompt: str, answers: list[str]) -> list[dict]:
+        if self.mode == "pointwise":
+            system = POINTWISE_INSTRUCTION.format(rubric=self.rubric, scale=self.scale)
+            user = f"Question:\n{prompt}\n\nAnswer:\n{answers[0]}"
+        else:
+            system = PAIRWISE_INSTRUCTION.format(rubric=self.rubric)
+            user = f"Question:\n{prompt}\n\nAnswer A:\n{answers[0]}\n\nAnswer B:\n{answers[1]}"
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+    def _ask(self, messages: list[dict]):
+        """The parsed verdict (a score or "A"/"B"/"tie") for one request, or None when malformed."""
+        key = hashlib.sha256(json.dumps([self.model, self.mode, self.scale, messages]).encode()).hexdigest()
+        if key in self.cache:
+            self.stats["cached"] += 1
+            return self.cache[key]
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json",
+                   **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers)
+        self.stats["requests"] += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read())
+            text = answer["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            raise DataError(f"HTTP {exc.code} {exc.reason}: {detail}", f"judge {self.endpoint}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"judge {self.endpoint}: cannot reach it: {getattr(exc, 'reason', exc)}") from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise DataError("the answer is not an OpenAI chat completion", f"judge {self.endpoint}") from None
+        verdict = parse_score(text, self.scale) if self.mode == "pointwise" else parse_verdict(text)
+        if verdict is None:
+            self.stats["malformed"] += 1
+            self.malformed = (self.malformed + [text])[-5:]
+            return None
+        self.cache[key] = verdict
+        if self.cache_path is not None:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_path, "a", encoding="utf-8") as handle:  # one line per write: whole or cut
+                handle.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
+        return verdict
+
+    def _ask_all(self, requests: list[list[dict]]) -> list:
+        malformed_before = self.stats["malformed"]
+        with ThreadPoolExecutor(self.workers) as pool:
+            verdicts = list(pool.map(self._ask, requests))
+        new = self.stats["malformed"] - malformed_before
+        if new:
+            logging.getLogger("posttrain").warning(
+                "judge %s: %d of %d verdicts malformed (no reward for them); last reply: %r", self.model, new,
+                len(requests), self.malformed[-1][:200])
+        return verdicts
+
+    # ------------------------------------------------------------ scores and rankings
+    def scores(self, prompts: list[str], responses: list[list[str]]) -> list[list[float | None]]:
+        """Per prompt, one score in [0, 1] per response (None: malformed verdicts only). Pointwise: (score - 1) /
+        (scale - 1); pairwise: the share of comparisons with the prompt's other responses won (a tie counts half;
+        with `swap` each pair is asked in both orders, so the position of an answer does not decide)."""
+        if self.mode == "pointwise":
+            flat = self._ask_all([self._messages(p, [r]) for p, rs in zip(prompts, responses) for r in rs])
+            out, start = [], 0
+            for rs in responses:
+                out.append([None if v is None else (v - 1) / (self.scale - 1) for v in flat[start:start + len(rs)]])
+                start += len(rs)
+            return out
+        jobs = []  # (prompt index, i, j, i shown first)
+        for n, rs in enumerate(responses):
+            if len(rs) < 2:
+                raise DataError("a pairwise judge compares answers to the same prompt; this prompt has only one "
+                                "(use mode: pointwise here)", f"prompt {n}")
+            for i in range(len(rs)):
+                for j in range(i + 1, len(rs)):
+                    jobs += [(n, i, j, True)] + ([(n, i, j, False)] if self.swap else [])
+        verdicts = self._ask_all([self._messages(prompts[n], [responses[n][i], responses[n][j]] if first
+                                                 else [responses[n][j], responses[n][i]]) for n, i, j, first in jobs])
+        wins = [[[0.0, 0] for _ in rs] for rs in responses]
+        for (n, i, j, first), verdict in zip(jobs, verdicts):
+            if verdict is None:
+                continue
+            i_won = {"tie": 0.5, "A": 1.0 if first else 0.0, "B": 0.0 if first else 1.0}[verdict]
+            for who, share in ((i, i_won), (j, 1.0 - i_won)):
+                wins[n][who][0] += share
+                wins[n][who][1] += 1
+        return [[won / count if count else None for won, count in group] for group in wins]
+
+    def rank(self, prompt: str, responses: list[str]) -> tuple[list[int | None], list[float | None]]:
+        """The judge's ranking of one prompt's responses: ranks (1 = best, equal scores share a rank, None =
+        no readable verdict) and the scores behind them."""
+        scores = self.scores([prompt], [responses])[0]
+        order = sorted({s for s in scores if s is not None}, reverse=True)
+        return [None if s is None else order.index(s) + 1 for s in scores], scores
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        """The reward source: pointwise per completion; pairwise within each run of consecutive completions of
+        one prompt (GRPO's groups, a `rank` step's responses)."""
+        if self.mode == "pointwise":
+            return [s[0] for s in self.scores(list(prompts), [[c] for c in completions])]
+        groups: list[list[int]] = []
+        for k, prompt in enumerate(prompts):
+            if groups and prompts[groups[-1][0]] == prompt:
+                groups[-1].append(k)
+            else:
+                groups.append([k])
+        scores = self.scores([prompts[g[0]] for g in groups], [[completions[k] for k in g] for g in groups])
+        values: list[float | None] = [None] * len(completions)
+        for group, group_scores in zip(groups, scores):
+            for k, s in zip(group, group_scores):
+                values[k] = s
+        return values
+
+
+def judge_source(spec) -> Judge:
+    """`{judge: {url, model, rubric, mode, ...}}` -> a Judge (see JUDGE_KEYS)."""
+    if not isinstance(spec, dict):
+        raise ConfigError("judge: expected a mapping {url, model, rubric, mode: pointwise|pairwise}")
+    unknown, missing = set(spec) - JUDGE_KEYS, {"url", "model", "rubric"} - set(spec)
+    if unknown or missing:
+        raise ConfigError(f"judge: keys are {sorted(JUDGE_KEYS)}" + (f"; unknown: {sorted(unknown)}" if unknown else "")
+                          + (f"; missing: {sorted(missing)}" if missing else ""))
+    return Judge(**spec)
