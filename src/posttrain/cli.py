@@ -168,6 +168,12 @@ def _demo(args) -> None:
         raise KeyboardInterrupt(f"`{again}` continues after the last completed step") from None
 
 
+def _ui(args) -> None:
+    from .ui import launch
+
+    launch(args.workdir, host=args.host, port=args.port, auth=args.auth)
+
+
 def _config_reference(args) -> None:
     from .config import reference_markdown
 
@@ -196,7 +202,6 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_pairs)
 
 
-class _Help(argparse.HelpFormatter):
 def _add_placement(p) -> None:
     """--device and --dtype of a command that loads a model (modeling.resolve_device / resolve_dtype)."""
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU, else Apple MPS, else the CPU), cuda, cuda:N, "
@@ -205,6 +210,7 @@ def _add_placement(p) -> None:
                                                    "on a CPU), bf16, fp16 or fp32")
 
 
+class _Help(argparse.HelpFormatter):
     """--help lists each option's default; unlike argparse's ArgumentDefaultsHelpFormatter, not 'None'."""
 
     @staticmethod
@@ -264,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL: each row with chosen_reward/rejected_reward or reward")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=_score)
     _add_placement(p)
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("generate", help="sample K responses per prompt (rankings rows for `data pairs`)")
     p.add_argument("--model", required=True, help="model directory or hub id")
@@ -281,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="+", help="stop strings (cut from the text)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each x --n)")
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
-    p.set_defaults(func=_generate)
     _add_placement(p)
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, LoRA adapters by name)")
     p.add_argument("--model", required=True, help="model directory or hub id (also its served name)")
@@ -315,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     add_rag_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
-    p.set_defaults(func=_chat)
     _add_placement(p)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("run", help="run a multi-stage recipe (steps whose inputs are unchanged are skipped)")
     p.add_argument("recipe", help="recipe YAML: out, vars, steps")
@@ -348,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="Jinja template (inline or file); replaces the tokenizer's own")
     p.add_argument("--quantize", choices=["int8"], help="int8: weight-only int8 linear layers (torchao), less memory")
     add_rag_arguments(p)
-    p.set_defaults(func=_eval)
     _add_placement(p)
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("init-model", help="train a BPE tokenizer and write a randomly initialised model")
     p.add_argument("--arch", choices=["qwen2", "llama", "gpt2", "qwen2-vl", "llava"], default="qwen2",
@@ -376,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("ui", help="the web UI: train, watch, compare runs, chat, rank answers into pairs, evaluate, "
+                                  "export (needs posttrain[ui])")
+    p.add_argument("--workdir", default=".", help="the folder the UI works in: every path it reads or writes is "
+                                                  "inside it")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then use --auth)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    p.set_defaults(func=_ui)
 
     p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     p.add_argument("--out", help="write it to this file instead")
@@ -429,13 +444,13 @@ def main(argv: list[str] | None = None) -> int:
             from .hub import resolve_model_path
 
             resolve_model_path(args.model)
-        args.func(args)
-    except PosttrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
         if getattr(args, "device", None) is not None:  # a device or dtype the machine lacks, before any file is read
             from .modeling import resolve_device, resolve_dtype
 
             resolve_dtype(args.dtype, resolve_device(args.device))
+        args.func(args)
+    except PosttrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `posttrain data inspect f | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

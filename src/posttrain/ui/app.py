@@ -1,0 +1,63 @@
+"""`posttrain ui`: the web UI (Gradio). One module per tab; each calls library functions or starts `posttrain`
+sub-commands as jobs (jobs.py); none holds training logic of its own. Every action also has an api_name, so the
+UI is scriptable with gradio_client (README: "Web UI")."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import ConfigError
+
+log = logging.getLogger("posttrain")
+TABS = ("Train", "Runs", "Chat", "Label", "Evaluate", "Export")
+
+
+def build_app(workdir: str):
+    import gradio as gr
+
+    from .chat_tab import ChatTab
+    from .evaluate_tab import EvaluateTab
+    from .export_tab import ExportTab
+    from .jobs import Jobs
+    from .label_tab import LabelTab
+    from .runs_tab import RunsTab
+    from .train_tab import TrainTab
+    from .workspace import Workspace
+
+    ws = Workspace(workdir)
+    jobs = Jobs(ws)
+    tabs = {"Train": TrainTab(ws, jobs), "Runs": RunsTab(ws), "Chat": ChatTab(ws), "Label": LabelTab(ws, jobs),
+            "Evaluate": EvaluateTab(ws, jobs), "Export": ExportTab(ws, jobs)}
+    loads = []
+    with gr.Blocks(title="posttrain") as app:
+        gr.Markdown(f"## posttrain · workdir `{ws.root}`")
+        with gr.Tabs():
+            for name, tab in tabs.items():
+                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
+                    loads.append(tab.build())
+        for found in loads:  # a (re)loaded page: fresh file lists, the running job re-attached
+            if found and "load" in found:
+                fn, outputs = found["load"]
+                app.load(fn, None, outputs, api_visibility="private")
+    app.workspace, app.tabs = ws, tabs
+    return app
+
+
+def launch(workdir: str = ".", host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
+           block: bool = True):
+    """Serve the UI. Binding anything but the loopback without --auth is allowed but warned about: whoever
+    reaches the port can start trainings and read the workdir's files."""
+    credentials = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError("--auth: give USER:PASS")
+        credentials = (user, password)
+    if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
+        log.warning("the UI listens on %s without --auth: anyone who can reach port %d can start trainings and read "
+                    "the files in the workdir; add --auth USER:PASS", host, port)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(workdir)
+    app.queue(default_concurrency_limit=4)
+    return app.launch(server_name=host, server_port=port, auth=credentials, allowed_paths=[str(app.workspace.root)],
+                      prevent_thread_lock=not block, quiet=False, show_error=True, footer_links=["api"], ssr_mode=False)

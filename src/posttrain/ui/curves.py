@@ -1,0 +1,55 @@
+"""metrics.jsonl (one line per logging step, written by every training run) as tables for the UI's line plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NOT_PLOTTED = {"step", "epoch", "lr", "grad_norm", "tokens_per_s"}
+GROUPS = ("loss", "eval", "other")
+
+
+def read_metrics(path: Path | None) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a running writer is left out."""
+    if path is None or not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def group_of(key: str) -> str | None:
+    if key in NOT_PLOTTED:
+        return None
+    if key in ("loss", "eval_loss"):
+        return "loss"
+    return "eval" if key.startswith("eval_") else "other"
+
+
+def curves(rows: list[dict], group: str, label: str | None = None):
+    """A long table (step, value, metric) of one group's metrics; `label` prefixes the metric names (runs
+    compared on one plot)."""
+    import pandas as pd
+
+    records = [{"step": row["step"], "value": float(value),
+                "metric": f"{label}: {key}" if label else key}
+               for row in rows for key, value in row.items()
+               if group_of(key) == group and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return pd.DataFrame(records, columns=["step", "value", "metric"])
+
+
+def metric_names(rows: list[dict]) -> list[str]:
+    return sorted({k for row in rows for k, v in row.items() if group_of(k) and isinstance(v, (int, float))})
+
+
+def metric_curve(rows: list[dict], metric: str, label: str):
+    import pandas as pd
+
+    records = [{"step": row["step"], "value": float(row[metric]), "metric": label}
+               for row in rows if isinstance(row.get(metric), (int, float))]
+    return pd.DataFrame(records, columns=["step", "value", "metric"])
