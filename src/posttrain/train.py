@@ -27,6 +27,7 @@ from .data.encode import encode_all
 from .data.formats import load_examples, split_eval
 from .data.vision import load_vision, own_positions
 from .errors import ConfigError, DataError
+from .forward import unwrap
 from .modeling import (apply_freeze, apply_lora, count_parameters, disable_dropout, load_model, load_tokenizer,
                        resolve_device, resolve_dtype, save_pretrained, trained_dtype, use_bf16, write_into)
 from .plots import overfitting, plot_metrics
@@ -345,7 +346,7 @@ def _train(config: Config, out_dir: Path, resume_from: Path | None) -> dict:
     if stage.finish is not None:
         result.update(stage.finish(trainer, ctx))
     accelerator.wait_for_everyone()
-    trained = accelerator.unwrap_model(trainer.model)
+    trained = unwrap(trainer.model)  # not accelerate's unwrap_model: it imports DeepSpeed when installed (seconds)
     written = stage.unwrap(trained) if stage.unwrap else trained
     state_dict = gathered_state(trainer, trained, written)  # every process takes part under FSDP / ZeRO-3
     if accelerator.is_main_process:

@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from . import checkpoint as ckpt
 from .config import Config
@@ -79,9 +78,7 @@ class Trainer:
         warmup = self.train_cfg.warmup_steps
         if warmup is None:
             warmup = int(self.train_cfg.warmup_ratio * self.total_steps)
-        name = "constant_with_warmup" if self.train_cfg.scheduler == "constant" else self.train_cfg.scheduler
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = lr_schedule(self.train_cfg.scheduler, self.optimizer, warmup, self.total_steps)
         # the scheduler is stepped by us once per optimizer step, so it is not handed to accelerate
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self._collect_params()  # FSDP2 and DeepSpeed replace the parameters with sharded ones
@@ -414,6 +411,23 @@ def _read_lines(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut short by the crash
             continue
     return rows
+
+
+def lr_schedule(kind: str, optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup` steps, then cosine to 0, linear to 0 or constant until `total` (transformers'
+    get_scheduler formulas; written here so that a run does not import transformers' Trainer utilities, which
+    pull in peft and bitsandbytes: seconds at every start)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def adamw_8bit(groups: list[dict], lr: float, betas: tuple, accelerator) -> torch.optim.Optimizer:

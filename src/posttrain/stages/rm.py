@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.pairs import collate_pairs
-from ..forward import prefix_sharing_on, sequence_scores
+from ..forward import prefix_sharing_on, sequence_scores, unwrap
 from ..losses import bradley_terry
 from .base import Stage
 from .pairwise import StageContext, encode_pairs, evaluate_with_loss, pair_tokens
@@ -56,7 +56,7 @@ def evaluate(model, batches, autocast, ctx):
 @torch.no_grad()
 def finish(trainer, ctx) -> dict:
     """Measure the mean reward over the training responses and store its negative as `reward_offset`."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = unwrap(trainer.model)
     model.eval()
     total, count = 0.0, 0
     size = trainer.train_cfg.batch_size
