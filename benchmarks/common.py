@@ -161,7 +161,7 @@ def make_pairs(n: int, seed=SEED) -> list[dict]:
 
 
 def posttrain_raw_config(spec: dict, stage: str, variant: dict) -> dict:
-    raw = {"stage": stage, "model": spec["model"], "output_dir": spec["out"],
+    raw = {"stage": stage, "model": spec["model"], "output_dir": spec["out"], "overwrite_output_dir": True,
            "data": {"train": spec["data"], "max_length": spec["max_length"]},
            "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "grad_accum": 1, "lr": LR,
                      "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "cosine", "max_grad_norm": 1.0,
@@ -183,6 +183,8 @@ def make_model(args, work: Path) -> Path:
 
     corpus = [f"{m['role']}\n{m['content']}" for r in make_sft_rows(2000, seed="corpus") for m in r["messages"]]
     model_dir = work / f"model-{args.size}-{args.embedding_rows}"
+    if args.size in REAL_SHAPES and not (model_dir / "config.json").is_file():
+        return real_shape_model(args.size, corpus, args.vocab_size, model_dir)
     if not (model_dir / "config.json").is_file():
         init_model("qwen2", args.size, corpus, model_dir, vocab_size=args.vocab_size, seed=0)
         if args.embedding_rows:
@@ -194,6 +196,33 @@ def make_model(args, work: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(model_dir)
             model.resize_token_embeddings(args.embedding_rows, mean_resizing=False)
             model.save_pretrained(model_dir)
+    return model_dir
+
+
+# published models' shapes, built with random weights: the tokenizer is the BPE trained on the generated corpus
+# (its ids are the first rows of the real-size embedding)
+REAL_SHAPES = {"qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                    num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                    tie_word_embeddings=True)}
+
+
+def real_shape_model(size: str, corpus: list[str], vocab_size: int, model_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from posttrain.init_model import init_model
+
+    small = init_model("qwen2", "tiny", corpus, model_dir.with_name(model_dir.name + "-tokenizer"),
+                       vocab_size=vocab_size, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    torch.manual_seed(0)
+    config = Qwen2Config(**REAL_SHAPES[size], eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig.from_pretrained(small)  # the chat template's stop tokens
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     return model_dir
 
 
@@ -213,7 +242,7 @@ def prepare(args, work: Path, stage: str) -> dict:
     from posttrain.data.batching import batch_indices
     from posttrain.modeling import load_tokenizer
     from posttrain.stages import STAGES
-    from posttrain.stages.reference import pair_tokens
+    from posttrain.stages.pairwise import pair_tokens
     from posttrain.train import prepare_data
 
     pairs = make_pairs(args.steps * args.batch_size)
@@ -422,7 +451,8 @@ def add_arguments(parser, batch_size_help: str | None = "pairs per step (2x sequ
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help=batch_size_help)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--size", choices=("tiny", "small", "base"), default="base")
+    parser.add_argument("--size", choices=("tiny", "small", "base", *REAL_SHAPES), default="base",
+                        help="qwen2.5-0.5b: that model's shape and vocabulary (151936 rows), random weights")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
     parser.add_argument("--embedding-rows", type=int, default=32000,
                         help="widen the embedding / LM head to this many rows, like a real model's vocabulary "

@@ -144,7 +144,7 @@ def child_posttrain(spec: dict) -> dict:
 
 
 def posttrain_raw_config(spec: dict) -> dict:
-    return {"stage": "grpo", "model": spec["model"], "output_dir": spec["out"],
+    return {"stage": "grpo", "model": spec["model"], "output_dir": spec["out"], "overwrite_output_dir": True,
             "data": {"train": spec["data"], "max_length": spec["max_length"]},
             "rewards": [{"function": f"{HERE}:digit_share"}],
             "generation": {"max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0},
@@ -258,7 +258,8 @@ def prepare(args, work: Path) -> dict:
         if len(feat["input_ids"]) + args.max_new_tokens > args.max_length:
             raise SystemExit(f"prompt {i} + --max-new-tokens exceeds --max-length (posttrain would truncate it)")
     lengths = [len(f["input_ids"]) for f in features]
-    batches = batch_indices(lengths, args.batch_size, seed=SEED, epoch=0, group_by_length=True)
+    # posttrain's own batch plan (its grpo default draws prompt batches at random, not grouped by length)
+    batches = batch_indices(lengths, args.batch_size, seed=SEED, epoch=0, group_by_length=config.train.group_by_length)
     params, V = count_params(model_dir)
     return {**spec, "order": [i for b in batches[:args.steps] for i in b],
             "prompt_ids": [f["input_ids"] for f in features], "params": params, "vocab": V,

@@ -85,7 +85,7 @@ def child_posttrain(spec: dict) -> dict:
 
 
 def posttrain_raw_config(spec: dict) -> dict:
-    return {"stage": "sft", "model": spec["model"], "output_dir": spec["out"],
+    return {"stage": "sft", "model": spec["model"], "output_dir": spec["out"], "overwrite_output_dir": True,
             "data": {"train": spec["data"], "max_length": spec["max_length"], "packing": False},
             "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "grad_accum": 1, "lr": LR,
                       "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "cosine", "max_grad_norm": 1.0,
