@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo demo-quick test bench docs clean
+.PHONY: install demo demo-quick test bench docs clean gpu-check gpu-check-smoke
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ bench: install
 	$(PY) benchmarks/grpo.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/rag.py
+
+# on a machine with one CUDA GPU: every command on it (about 0.5B parameters), asserted and timed; see scripts/
+gpu-check: install
+	scripts/gpu_check.sh
+
+gpu-check-smoke: install
+	scripts/gpu_check.sh --cpu-smoke --out gpu-check-smoke-out
 
 docs: install
 	$(VENV)/bin/posttrain config-reference --out docs/config.md
