@@ -47,17 +47,29 @@ def launch(workdir: str = ".", host: str = "127.0.0.1", port: int = 7860, auth: 
            block: bool = True):
     """Serve the UI. Binding anything but the loopback without --auth is allowed but warned about: whoever
     reaches the port can start trainings and read the workdir's files."""
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise ConfigError("--auth: give USER:PASS")
-        credentials = (user, password)
-    if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
-        log.warning("the UI listens on %s without --auth: anyone who can reach port %d can start trainings and read "
-                    "the files in the workdir; add --auth USER:PASS", host, port)
+    credentials = parse_auth(auth)
+    warning = exposure_warning(host, port, credentials)
+    if warning:
+        log.warning("%s", warning)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(workdir)
     app.queue(default_concurrency_limit=4)
-    return app.launch(server_name=host, server_port=port, auth=credentials, allowed_paths=[str(app.workspace.root)],
-                      prevent_thread_lock=not block, quiet=False, show_error=True, footer_links=["api"], ssr_mode=False)
+    app.launch(server_name=host, server_port=port, auth=credentials, allowed_paths=[str(app.workspace.root)],
+               prevent_thread_lock=not block, quiet=not block, show_error=True, footer_links=["api"], ssr_mode=False)
+    return app
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    if not auth:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth: give USER:PASS")
+    return user, password
+
+
+def exposure_warning(host: str, port: int, credentials) -> str | None:
+    if host in ("127.0.0.1", "localhost", "::1") or credentials is not None:
+        return None
+    return (f"the UI listens on {host} without --auth: anyone who can reach port {port} can start trainings and "
+            f"read the files in the workdir; add --auth USER:PASS")

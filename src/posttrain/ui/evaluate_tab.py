@@ -50,6 +50,10 @@ class EvaluateTab:
         return {"job": job.id, "state": state, "result": result, "output": self.ws.rel(path) if path else None,
                 "log_tail": self.jobs.log_tail(job, 1500)}
 
+    def results(self) -> list[str]:
+        """Eval results in the workdir: evals/*.json (from this tab) and recipe eval steps' eval.json."""
+        return [f for f in self.ws.files((".json",)) if f.startswith("evals/") or f.endswith("eval.json")]
+
     def table(self, files: list[str]):
         """Results side by side: one column per eval JSON file."""
         import pandas as pd
@@ -87,7 +91,8 @@ class EvaluateTab:
         log = gr.Textbox(label="log", lines=4, max_lines=4)
         gr.Markdown("### results side by side")
         with gr.Row():
-            chosen = gr.Dropdown(self.ws.files((".json",)), multiselect=True, label="eval result files")
+            chosen = gr.Dropdown(self.results(), multiselect=True, allow_custom_value=True,
+                                 label="eval result files")
             side_button = gr.Button("Show")
         side = gr.Dataframe(interactive=False)
         timer = gr.Timer(3.0)
@@ -113,5 +118,5 @@ class EvaluateTab:
         def lists():
             models, data_files = self.ws.models(), self.ws.data_files()
             return (gr.update(choices=models), gr.update(choices=data_files), gr.update(choices=data_files),
-                    gr.update(choices=data_files), gr.update(choices=self.ws.files((".json",))))
+                    gr.update(choices=data_files), gr.update(choices=self.results()))
         return {"load": (lists, [model, tasks, data, pairs, chosen])}

@@ -41,6 +41,16 @@ class TrainTab:
             return text, f"not valid yet: {exc}"
         return text, "valid: Start trains with exactly this config"
 
+    def config_from_options(self, stage, model, output_dir, train_files, eval_file, options: dict | None):
+        """config_yaml with the options given as {dotted key: value} (the rest at their defaults): the form's
+        answer for a script."""
+        known = {spec.key: spec for spec in self.specs}
+        unknown = sorted(set(options or {}) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; options are the config's dotted keys, e.g. train.lr")
+        values = [config_form.shown_value(spec, (options or {}).get(spec.key, spec.default)) for spec in self.specs]
+        return self.config_yaml(stage, model, output_dir, train_files, eval_file, *values)
+
     def default_output(self, stage) -> str:
         return f"runs/{stage or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -274,8 +284,8 @@ class TrainTab:
         timer = gr.Timer(2.0)
 
         form = [stage, model, output_dir, train_files, eval_file, *options]
-        gr.on([c.change for c in form], self.config_yaml, form, [yaml_box, validity], api_name="config_yaml",
-              show_progress="hidden")
+        gr.on([c.change for c in form], self.config_yaml, form, [yaml_box, validity], api_name="form_yaml",
+              api_visibility="private", show_progress="hidden")
         gr.on([train_files.change, model.change, stage.change], self.inspect, [train_files, model, stage], preview,
               api_name="inspect_data")
 
@@ -287,7 +297,8 @@ class TrainTab:
 
         def started(job_id, text):
             return gr.update(choices=self.job_choices(), value=job_id or None), text
-        start.click(self.config_yaml, form, [yaml_box, validity], api_visibility="private").then(
+        start.click(self.config_yaml, form, [yaml_box, validity], api_name="form_yaml_start",
+                    api_visibility="private").then(
             lambda text, over: started(*self.start(text, over)), [yaml_box, overwrite], [job, message],
             api_visibility="private")
         stop.click(self.stop, job, message, api_visibility="private")
@@ -300,6 +311,9 @@ class TrainTab:
         # the scriptable endpoints: plain values in and out
         api, job_in = gr.Button(visible=False), gr.Textbox(visible=False, label="job")
         job_out, text_out = gr.Textbox(visible=False, label="job"), gr.Textbox(visible=False, label="message")
+        options_in = gr.JSON(visible=False, label="options")
+        api.click(self.config_from_options, [stage, model, output_dir, train_files, eval_file, options_in],
+                  [yaml_box, text_out], api_name="config_yaml")
         api.click(self.start, [yaml_box, overwrite], [job_out, text_out], api_name="train_start")
         api.click(self.stop, job_in, text_out, api_name="train_stop")
         api.click(self.resume, job_in, [job_out, text_out], api_name="train_resume")
