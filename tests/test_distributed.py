@@ -180,3 +180,16 @@ def test_deepspeed_zero2_and_zero3_sft_match_single_process_and_save_whole_weigh
         assert_same_weights(saved, expected)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / stage, dtype=torch.float32).state_dict()
         assert all(torch.equal(loaded[name], value) for name, value in saved.items())
+
+
+def test_rl_under_fsdp2_is_refused_in_one_line(tiny_model, tmp_path):
+    """Sampling needs the whole policy on every process: FSDP2 (and ZeRO-3) runs of grpo/ppo say what to use."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Two plus three is"}] * 8)
+    body = {"stage": "grpo", "model": str(tiny_model), "output_dir": str(tmp_path / "out"),
+            "data": {"train": str(prompts)}, "rewards": [{"builtin": "length", "target": 5}],
+            "train": {"max_steps": 1, "batch_size": 1}}
+    result = subprocess.run(launcher(write(tmp_path, "grpo", body), "fsdp2.yaml"), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode != 0
+    assert ("error: stage grpo samples with the whole policy on every process, which FSDP and DeepSpeed ZeRO-3 "
+            "shard; launch it with examples/accelerate/ddp.yaml or zero2.yaml") in result.stderr

@@ -145,8 +145,15 @@ def reference_logps(ctx: OnlineContext, actor: PolicyWithValue, batch: dict, tem
 
 
 def setup_online(config, model, tokenizer, accelerator, options, need_reference: bool) -> OnlineContext:
+    from accelerate.utils import DistributedType
+
     from ..modeling import frozen_dtype
 
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and
+                                        accelerator.state.deepspeed_plugin.zero_stage == 3):
+        raise ConfigError(f"stage {config.stage} samples with the whole policy on every process, which FSDP and "
+                          f"DeepSpeed ZeRO-3 shard; launch it with examples/accelerate/ddp.yaml or zero2.yaml")
     # a reward model is frozen: on the training device, in the compute dtype
     sources = build_sources(config.rewards, device=accelerator.device, dtype=frozen_dtype(config))
     actor = unwrap(model)
