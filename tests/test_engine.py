@@ -407,3 +407,32 @@ def test_engine_load_places_the_model_on_a_device_in_a_dtype(varied_model):
     assert 1 <= len(completion.token_ids) <= 4 and all(lp <= 0 for lp in completion.logprobs)
     default = Engine.load(varied_model)  # "auto": this machine has no GPU, so the CPU in fp32
     assert default.device == torch.device("cpu") and next(default.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_models_match_transformers_while_rows_join(tiny_model, arch):
+    """The engine keeps every layer whole and lets the model's mask apply the window: greedy tokens equal
+    transformers' generate beyond the window (5 tokens), with rows joining a running batch (max_rows=2)."""
+    from transformers import Gemma3TextConfig, MistralConfig
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=5)
+    config = (MistralConfig(num_hidden_layers=2, **shape) if arch == "mistral" else
+              Gemma3TextConfig(num_hidden_layers=3, head_dim=8, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+                               **shape))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    texts = ["The kitchen opens at nine", "Two", "Reverse the word cat to get"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    ours = [c.token_ids for c in Engine(model, tokenizer, stop_token_ids=[]).generate(
+        prompts, SamplingParams(max_new_tokens=16, temperature=0), max_rows=2)]
+    for prompt, tokens in zip(prompts, ours):
+        reference = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        assert tokens == reference
+    assert len({tuple(t) for t in ours}) == 3
