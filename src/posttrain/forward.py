@@ -101,10 +101,11 @@ def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
 
 
-def _logits(hidden, weight, bias, dtype, temperature) -> torch.Tensor:
-    """fp32 logits / T of a chunk, the matmul in `dtype` (the autocast dtype, as the model's head would)."""
+def _logits(hidden, weight, bias, temperature) -> torch.Tensor:
+    """fp32 logits / T of a chunk; the matmul in the dtype of `weight` (cast once to the autocast dtype, as the
+    model's head would multiply)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        logits = F.linear(hidden.to(weight.dtype), weight, bias)
     return logits.float() / temperature
 
 
@@ -117,11 +118,12 @@ class HeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):
         dtype, rows = _matmul_dtype(hidden), hidden.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         entropies = torch.empty(rows if entropy else 0, dtype=torch.float32, device=hidden.device)
         probs = None
         for start in range(0, rows, chunk):
-            z = _logits(hidden[start:start + chunk], weight, bias, dtype, temperature)
+            z = _logits(hidden[start:start + chunk], w, b, temperature)
             log_p = torch.log_softmax(z, dim=-1)  # rounded as the plain computation rounds it
             logps[start:start + chunk] = log_p.gather(1, targets[start:start + chunk, None]).squeeze(1)
             if entropy or rows <= chunk:
@@ -143,17 +145,18 @@ class HeadLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, rows, chunk):
                 end = min(start + chunk, rows)
                 if probs is None:
-                    p = torch.log_softmax(_logits(hidden[start:end], weight, bias, dtype, ctx.temperature), -1).exp_()
+                    p = torch.log_softmax(_logits(hidden[start:end], w, b, ctx.temperature), -1).exp_()
                 else:
                     p = probs
                 g = grad_logps[start:end, None].float()
                 grad_z = (-p * g).scatter_add_(1, targets[start:end, None], g) / ctx.temperature
                 if need_hidden:
-                    grad_hidden[start:end] = (grad_z.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                    grad_hidden[start:end] = (grad_z.to(dtype) @ w).to(hidden.dtype)
                 if need_weight:
                     grad_weight += (grad_z.T.to(dtype) @ hidden[start:end].to(dtype)).float()
                 if need_bias:
