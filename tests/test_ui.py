@@ -62,7 +62,8 @@ def wait(client, job: str, until, timeout: float = 240) -> dict:
         time.sleep(0.5)
 
 
-SFT = {"stage": "sft", "model": "model", "output_dir": "runs/sft", "data": {"train": "data/sft.jsonl", "max_length": 64},
+SFT = {"stage": "sft", "model": "model", "output_dir": "runs/sft",
+       "data": {"train": "data/sft.jsonl", "max_length": 64},
        "train": {"max_steps": 200, "batch_size": 2, "lr": 1.0e-3}}
 
 

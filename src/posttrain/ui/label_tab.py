@@ -256,7 +256,8 @@ class LabelTab:
             flag = gr.Button("Flag (bad prompt)", elem_id="label-flag")
         with gr.Accordion("AI feedback: a judge suggests the order", open=False):
             with gr.Row():
-                judge_url = gr.Textbox(label="judge endpoint (OpenAI-compatible)", placeholder="http://127.0.0.1:8000/v1")
+                judge_url = gr.Textbox(label="judge endpoint (OpenAI-compatible)",
+                                       placeholder="http://127.0.0.1:8000/v1")
                 judge_model = gr.Textbox(label="judge model name")
                 judge_mode = gr.Radio(["pointwise", "pairwise"], value="pointwise", label="mode")
             rubric = gr.Textbox("Prefer answers that are correct, helpful, polite and brief.", label="rubric", lines=2)
