@@ -105,8 +105,8 @@ def _logits(hidden, weight, bias, temperature) -> torch.Tensor:
     """fp32 logits / T of a chunk; the matmul in the dtype of `weight` (cast once to the autocast dtype, as the
     model's head would multiply)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(weight.dtype), weight, bias)
-    return logits.float() / temperature
+        logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 class HeadLogps(torch.autograd.Function):
@@ -143,8 +143,7 @@ class HeadLogps(torch.autograd.Function):
         dtype, chunk, rows = ctx.dtype, ctx.chunk, hidden.shape[0]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        grad_weight = grad_bias = None  # summed over the chunks in fp32
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, rows, chunk):
@@ -154,13 +153,18 @@ class HeadLogps(torch.autograd.Function):
                 else:
                     p = probs
                 g = grad_logps[start:end, None].float()
-                grad_z = (-p * g).scatter_add_(1, targets[start:end, None], g) / ctx.temperature
+                grad_z = torch.mul(p, -g).scatter_add_(1, targets[start:end, None], g)
+                if ctx.temperature != 1.0:
+                    grad_z /= ctx.temperature
+                grad_z = grad_z.to(dtype)
                 if need_hidden:
-                    grad_hidden[start:end] = (grad_z.to(dtype) @ w).to(hidden.dtype)
+                    grad_hidden[start:end] = (grad_z @ w).to(hidden.dtype)
                 if need_weight:
-                    grad_weight += (grad_z.T.to(dtype) @ hidden[start:end].to(dtype)).float()
+                    part = (grad_z.T @ hidden[start:end].to(dtype)).float()
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
                 if need_bias:
-                    grad_bias += grad_z.sum(0)
+                    part = grad_z.float().sum(0)
+                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
