@@ -160,6 +160,20 @@ def test_inspect_and_paths_confined(ui, workdir):
     assert exposure_warning("0.0.0.0", 7860, ("user", "pass")) is None
 
 
+def test_no_workdir_path_chosen_unasked(ui):
+    """Gradio's Dropdown selects its first choice when given no value: then a model, adapter or eval file would be
+    used without the person choosing it, and a run shown as chosen in the Runs tab never showed its details."""
+    import gradio as gr
+
+    _, app = ui
+    ws = app.workspace
+    paths = set(ws.models()) | set(ws.data_files()) | set(ws.adapters()) | set(ws.recipes())
+    assert {"model", "data/sft.jsonl"} <= paths
+    chosen = {(b.label, b.value) for b in app.blocks.values() if isinstance(b, gr.Dropdown)
+              and isinstance(b.value, str) and b.value in paths}
+    assert not chosen, chosen
+
+
 def test_label_two_prompts_into_pairs(ui, workdir):
     client, _ = ui
     job, message = client.predict("data/prompts.jsonl", "model", "", 3, 6, 1.0, 0, api_name="/label_sample")

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from gradio import LikeData
 
 from ..errors import ConfigError, PosttrainError
-from .workspace import Workspace, append_rows
+from .workspace import Workspace, append_rows, path_dropdown
 
 KTO_FILE, PAIRS_FILE = "feedback/kto.jsonl", "feedback/pairs.jsonl"
 KEEP_ENGINES = 2
@@ -150,14 +150,13 @@ class ChatTab:
                     f"feedback ({KTO_FILE}); side by side, **A is better** / **B is better** saves a preference "
                     f"pair ({PAIRS_FILE}) for rm or dpo.")
         with gr.Row():
-            model_a = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="model (A)", elem_id="chat-model")
-            adapter_a = gr.Dropdown(self.ws.adapters(), allow_custom_value=True, label="adapter (A, optional)")
-            rag = gr.Dropdown(self.ws.files((".db",)), allow_custom_value=True, label="RAG index (optional)")
+            model_a = path_dropdown(self.ws.models(), label="model (A)", elem_id="chat-model")
+            adapter_a = path_dropdown(self.ws.adapters(), label="adapter (A, optional)")
+            rag = path_dropdown(self.ws.files((".db",)), label="RAG index (optional)")
         with gr.Row():
             side_by_side = gr.Checkbox(False, label="side by side with model B", elem_id="chat-side")
-            model_b = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="model (B)", visible=False,
-                                  elem_id="chat-model-b")
-            adapter_b = gr.Dropdown(self.ws.adapters(), allow_custom_value=True, label="adapter (B)", visible=False)
+            model_b = path_dropdown(self.ws.models(), label="model (B)", visible=False, elem_id="chat-model-b")
+            adapter_b = path_dropdown(self.ws.adapters(), label="adapter (B)", visible=False)
         with gr.Accordion("sampling", open=False):
             system = gr.Textbox(label="system prompt")
             temperature = gr.Slider(0, 2, 0.7, label="temperature (0: greedy)")

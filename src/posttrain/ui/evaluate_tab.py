@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, PosttrainError
 from .jobs import Jobs
-from .workspace import Workspace
+from .workspace import Workspace, path_dropdown
 
 INPUTS = (("tasks", "--tasks"), ("data", "--data"), ("pairs", "--pairs"), ("reward_model", "--reward-model"),
           ("reference", "--reference"))
@@ -71,16 +71,16 @@ class EvaluateTab:
         gr.Markdown("Run `posttrain eval` on a model: task accuracy (tasks file with answers), reward-model score "
                     "and pairwise accuracy (pairs), KL to a reference, perplexity (data).")
         with gr.Row():
-            model = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="model", elem_id="eval-model")
-            adapter = gr.Dropdown(self.ws.adapters(), allow_custom_value=True, label="adapter (optional)")
+            model = path_dropdown(self.ws.models(), label="model", elem_id="eval-model")
+            adapter = path_dropdown(self.ws.adapters(), label="adapter (optional)")
         with gr.Row():
             files = self.ws.data_files()
-            tasks = gr.Dropdown(files, allow_custom_value=True, label="tasks (prompt + answer rows)")
-            data = gr.Dropdown(files, allow_custom_value=True, label="data (perplexity)", elem_id="eval-data")
-            pairs = gr.Dropdown(files, allow_custom_value=True, label="pairs (reward model accuracy)")
+            tasks = path_dropdown(files, label="tasks (prompt + answer rows)")
+            data = path_dropdown(files, label="data (perplexity)", elem_id="eval-data")
+            pairs = path_dropdown(files, label="pairs (reward model accuracy)")
         with gr.Row():
-            reward_model = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="reward model (optional)")
-            reference = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="reference for KL (optional)")
+            reward_model = path_dropdown(self.ws.models(), label="reward model (optional)")
+            reference = path_dropdown(self.ws.models(), label="reference for KL (optional)")
             max_new = gr.Number(64, precision=0, label="max new tokens")
             n_samples = gr.Number(None, precision=0, label="only the first N task prompts")
         start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import PosttrainError
 from ..export import FORMATS
 from .jobs import Jobs
-from .workspace import Workspace
+from .workspace import Workspace, path_dropdown
 
 
 class ExportTab:
@@ -37,8 +37,8 @@ class ExportTab:
         gr.Markdown("Merge a LoRA adapter into its base model (hf), write a GGUF file for llama.cpp / Ollama, or "
                     "check an adapter for vLLM.")
         with gr.Row():
-            model = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="base model", elem_id="export-model")
-            adapter = gr.Dropdown(self.ws.adapters(), allow_custom_value=True, label="adapter")
+            model = path_dropdown(self.ws.models(), label="base model", elem_id="export-model")
+            adapter = path_dropdown(self.ws.adapters(), label="adapter")
         with gr.Row():
             fmt = gr.Radio(list(FORMATS), value="hf", label="format", elem_id="export-format")
             quant = gr.Dropdown(["f16", "bf16", "q8_0", "q4_0"], value="f16", label="gguf type")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, PosttrainError
 from .jobs import Jobs
-from .workspace import Workspace, append_rows, read_rows
+from .workspace import Workspace, append_rows, path_dropdown, read_rows
 
 MAX_K = 8  # answer slots on the page
 
@@ -224,10 +224,9 @@ class LabelTab:
                     "stopped. **Make pairs** turns the rankings into preference pairs for stage rm or dpo.")
         with gr.Accordion("sample answers (posttrain generate)", open=False):
             with gr.Row():
-                prompts = gr.Dropdown(self.ws.data_files(), allow_custom_value=True, label="prompts file",
-                                      elem_id="label-prompts")
-                model = gr.Dropdown(self.ws.models(), allow_custom_value=True, label="model", elem_id="label-model")
-                adapter = gr.Dropdown(self.ws.adapters(), allow_custom_value=True, label="adapter (optional)")
+                prompts = path_dropdown(self.ws.data_files(), label="prompts file", elem_id="label-prompts")
+                model = path_dropdown(self.ws.models(), label="model", elem_id="label-model")
+                adapter = path_dropdown(self.ws.adapters(), label="adapter (optional)")
             with gr.Row():
                 k = gr.Number(4, precision=0, label="answers per prompt (K)", minimum=2, maximum=MAX_K)
                 max_new = gr.Number(64, precision=0, label="max new tokens")
@@ -236,8 +235,8 @@ class LabelTab:
             sample = gr.Button("Sample", elem_id="label-sample")
             sample_job = gr.Textbox(label="job", interactive=False)
         with gr.Row():
-            candidates = gr.Dropdown(self.ws.files((".candidates.jsonl",)), allow_custom_value=True,
-                                     label="candidates file", elem_id="label-candidates")
+            candidates = path_dropdown(self.ws.files((".candidates.jsonl",)), label="candidates file",
+                                       elem_id="label-candidates")
             labeller = gr.Textbox("labeller", label="labeller", elem_id="label-labeller")
             open_button = gr.Button("Open", variant="primary", elem_id="label-open")
         progress = gr.Markdown(elem_id="label-progress")

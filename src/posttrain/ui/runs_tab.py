@@ -10,7 +10,7 @@ import yaml
 
 from ..errors import ConfigError, PosttrainError
 from .curves import metric_curve, metric_names, read_metrics
-from .workspace import Workspace
+from .workspace import Workspace, path_dropdown
 
 MARKERS = ("summary.json", "metrics.jsonl", "lineage.json")
 
@@ -131,8 +131,7 @@ class RunsTab:
         table = gr.Dataframe(headers=headers, value=self.table() or None, interactive=False, elem_id="runs-table",
                              wrap=True)
         with gr.Row():
-            run = gr.Dropdown([r[0] for r in self.table()], allow_custom_value=True, label="run",
-                              elem_id="runs-run")
+            run = path_dropdown([r[0] for r in self.table()], label="run", elem_id="runs-run")
         lineage = gr.Markdown(elem_id="runs-lineage")
         with gr.Row():
             summary = gr.JSON(label="summary.json", elem_id="runs-summary")

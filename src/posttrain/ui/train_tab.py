@@ -15,7 +15,7 @@ from ..errors import ConfigError, PosttrainError
 from . import config_form
 from .curves import curves, read_metrics
 from .jobs import Jobs
-from .workspace import Workspace, write_text
+from .workspace import Workspace, path_dropdown, write_text
 
 STAGES = ("pt", "sft", "classify", "rm", "dpo", "kto", "ppo", "grpo", "embed")
 INSPECT_STAGES = ("pt", "sft", "classify", "rm", "dpo", "kto")
@@ -247,15 +247,15 @@ class TrainTab:
         with gr.Row():
             stage = gr.Dropdown(list(STAGES), value="sft", label="stage", elem_id="train-stage",
                                 info=_stage_help())
-            model = gr.Dropdown(self.ws.models(), value=None, label="model", allow_custom_value=True,
-                                elem_id="train-model", info="a model directory in the workdir")
+            model = path_dropdown(self.ws.models(), label="model", elem_id="train-model",
+                                  info="a model directory in the workdir")
             output_dir = gr.Textbox(label="output_dir", elem_id="train-output",
                                     info="where the result goes (default: runs/<stage>-<time>)")
         with gr.Row():
             train_files = gr.Dropdown(self.ws.data_files(), multiselect=True, allow_custom_value=True,
                                       label="data.train", elem_id="train-data", info="one or more files (mixed)")
-            eval_file = gr.Dropdown(self.ws.data_files(), value=None, allow_custom_value=True, label="data.eval",
-                                    elem_id="train-eval", info="optional held-out file")
+            eval_file = path_dropdown(self.ws.data_files(), label="data.eval", elem_id="train-eval",
+                                      info="optional held-out file")
         with gr.Accordion("data preview (posttrain data inspect)", open=True):
             preview = gr.Textbox(label="what training will read", lines=10, max_lines=30, elem_id="train-preview",
                                  buttons=["copy"])
@@ -269,8 +269,7 @@ class TrainTab:
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
             resume = gr.Button("Resume", elem_id="train-resume")
         with gr.Row():
-            recipe = gr.Dropdown(self.ws.recipes(), allow_custom_value=True, label="recipe (posttrain run)",
-                                 elem_id="train-recipe")
+            recipe = path_dropdown(self.ws.recipes(), label="recipe (posttrain run)", elem_id="train-recipe")
             run_recipe = gr.Button("Run recipe", elem_id="train-run-recipe")
         job = gr.Dropdown(choices=[], value=None, allow_custom_value=True, label="job (re-attaches after a reload)",
                           elem_id="train-job")

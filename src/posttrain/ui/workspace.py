@@ -161,3 +161,13 @@ def write_text(path: Path, text: str) -> Path:
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def path_dropdown(choices: list[str], label: str, **kwargs):
+    """A dropdown of workdir paths (typing one that is not listed is allowed) that starts with nothing chosen.
+    Gradio's Dropdown selects its first choice when given no value: an adapter, RAG index or eval file would be
+    used without the person choosing it, and a run shown as chosen would never show its details (picking the shown
+    value again is no change, so its .change never fires)."""
+    import gradio as gr
+
+    return gr.Dropdown(choices, value=None, allow_custom_value=True, label=label, **kwargs)
