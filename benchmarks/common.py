@@ -425,7 +425,9 @@ def child_main(args, children: dict | None = None) -> None:
     spec = json.loads(Path(args.spec).read_text())
     result = children[args.child](spec)
     import torch
-    result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads(),
+                  process_cpu_s=round(usage.ru_utime + usage.ru_stime, 1))  # the whole child, start-up included
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -16,7 +16,8 @@ the children's default (2 on this machine), the same on both sides.
 * GRPO on the random 0.5B model samples ids from all 151,936 rows, most of which the small tokenizer does not
   have: completions run to the token cap on both sides (the same work for both);
 * seconds per step: wall time of the optimizer steps after the first (`--warmup 1`), divided by their number
-  (GRPO: generation, scoring and the update together);
+  (GRPO: generation, scoring and the update together); CPU-seconds per step: the child's CPU time (all its
+  threads) over the same steps, the fair measure when other processes share the machine;
 * peak RSS: `ru_maxrss` of the child at exit (imports, data, model, optimizer state, training, saving);
 * whole jobs: the child processes' wall time from start to exit.
 """
@@ -34,8 +35,10 @@ HERE = Path(__file__).resolve().parent
 SIZE = "qwen2.5-0.5b"  # --quick: "tiny"
 
 
-def run(script: str, args: list[str], work: Path) -> dict:
-    """`python benchmarks/SCRIPT ARGS --workdir WORK`; its results.json."""
+def run(script: str, args: list[str], work: Path, reuse: bool = False) -> dict:
+    """`python benchmarks/SCRIPT ARGS --workdir WORK`; its results.json (with `reuse`, an earlier one if there)."""
+    if reuse and (work / "results.json").is_file():
+        return json.loads((work / "results.json").read_text())
     work.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(HERE / script), *args, "--workdir", str(work)]
     print("$", " ".join(command[1:]), flush=True)
@@ -57,8 +60,9 @@ def share_model(work: Path, stage_work: Path, size: str) -> None:
             target.symlink_to(built.resolve(), target_is_directory=True)
 
 
-def seconds_per_step(r: dict) -> float:
-    return r["timed_s"] / max(r["steps"] - r["warmup_steps"], 1)
+def seconds_per_step(r: dict, cpu: bool = False) -> float:
+    """Wall seconds (or the process's CPU seconds, all threads: robust to other load) per timed step."""
+    return r["timed_cpu_s" if cpu else "timed_s"] / max(r["steps"] - r["warmup_steps"], 1)
 
 
 def scale_rows(args, work: Path) -> list[str]:
@@ -78,19 +82,20 @@ def scale_rows(args, work: Path) -> list[str]:
     }
     labels = {"posttrain": "posttrain", "trl": "TRL", "posttrain-prefix": "posttrain (default: prefix sharing)",
               "posttrain-precompute": "posttrain (prefix sharing off)", "trl-precompute": "TRL (precompute ref)"}
-    rows = ["| stage | run | seconds per step | peak RSS (GiB) | speed vs TRL | memory vs TRL |",
-            "|---|---|---:|---:|---:|---:|"]
+    rows = ["| stage | run | seconds per step (wall) | CPU-seconds per step | peak RSS (GiB) | speed vs TRL "
+            "(wall / CPU) | memory vs TRL |", "|---|---|---:|---:|---:|---:|---:|"]
     for stage in [s for s in ("sft", "dpo", "grpo") if s in args.stages]:
         script, flags, names = plans[stage]
         stage_work = work / stage
         share_model(work, stage_work, args.size)
-        results = run(script, flags, stage_work)["results"]["fp32"]
+        results = run(script, flags, stage_work, args.reuse)["results"]["fp32"]
         trl = results[names[-1]]
         for name in names:
             r = results[name]
-            speed = seconds_per_step(trl) / seconds_per_step(r)
-            cells = [stage, labels[name], f"{seconds_per_step(r):.2f}", f"{r['peak_rss_mb'] / 1024:.2f}"]
-            cells += ["", ""] if name == names[-1] else [f"**{speed:.2f}x**",
+            wall, cpu = (seconds_per_step(trl, c) / seconds_per_step(r, c) for c in (False, True))
+            cells = [stage, labels[name], f"{seconds_per_step(r):.1f}", f"{seconds_per_step(r, True):.1f}",
+                     f"{r['peak_rss_mb'] / 1024:.2f}"]
+            cells += ["", ""] if name == names[-1] else [f"{wall:.2f}x / **{cpu:.2f}x**",
                                                           f"**{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x**"]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -99,13 +104,17 @@ def scale_rows(args, work: Path) -> list[str]:
 def whole_job_rows(args, work: Path) -> list[str]:
     small = ["--size", "small", "--embedding-rows", "4096", "--steps", str(args.whole_steps), "--batch-size", "8",
              "--precision", "fp32", "--repeats", str(args.repeats)]
-    rows = ["| job | posttrain (s) | TRL (s) | TRL / posttrain | posttrain peak RSS / TRL's |", "|---|---:|---:|---:|---:|"]
+    rows = ["| job | posttrain wall s (CPU s) | TRL wall s (CPU s) | TRL / posttrain, wall (CPU) | "
+            "posttrain peak RSS / TRL's |", "|---|---:|---:|---:|---:|"]
     for stage, script, ours, theirs in (("rm", "rm.py", "posttrain-prefix", "trl"),
                                         ("dpo", "dpo.py", "posttrain-prefix", "trl-precompute")):
-        results = run(script, small + ["--variants", f"{ours},{theirs}"], work / f"whole-{stage}")["results"]["fp32"]
+        results = run(script, small + ["--variants", f"{ours},{theirs}"], work / f"whole-{stage}",
+                      args.reuse)["results"]["fp32"]
         p, t = results[ours], results[theirs]
-        rows.append(f"| {stage} ({args.whole_steps} steps of 8 pairs) | {p['process_s']:.1f} | {t['process_s']:.1f} | "
-                    f"**{t['process_s'] / p['process_s']:.2f}x** | {p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
+        cpu = {side: r.get("process_cpu_s", float("nan")) for side, r in (("p", p), ("t", t))}
+        rows.append(f"| {stage} ({args.whole_steps} steps of 8 pairs) | {p['process_s']:.1f} ({cpu['p']:.1f}) | "
+                    f"{t['process_s']:.1f} ({cpu['t']:.1f}) | {t['process_s'] / p['process_s']:.2f}x "
+                    f"(**{cpu['t'] / cpu['p']:.2f}x**) | {p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
     return rows
 
 
@@ -121,6 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="whole jobs: interleaved runs, the fastest kept")
     parser.add_argument("--workdir", help="keep models, data, logs and results here (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="the tiny model, 2 steps, small jobs: a smoke test")
+    parser.add_argument("--reuse", action="store_true", help="take the results a stage left in --workdir, if any")
     args = parser.parse_args()
     args.size = "tiny" if args.quick else SIZE
     if args.quick:
