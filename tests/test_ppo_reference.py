@@ -153,7 +153,11 @@ def test_ppo_update_matches_a_hand_written_ppo_step(make_model, tmp_path):
         expected = dict(hand.named_parameters())
         assert record["grads"].keys() == {n for n, p in expected.items() if p.grad is not None}
         for name, grad in record["grads"].items():
-            torch.testing.assert_close(grad, expected[name].grad, rtol=1e-4, atol=1e-6, msg=f"update {update}: {name}")
+            # float32 sums in another order (batched and padded vs one sequence at a time; AVX2 vs AVX-512
+            # kernels) differ by ~1e-7 of the tensor's largest entry, so near-zero entries get that much slack
+            scale = float(expected[name].grad.abs().max())
+            torch.testing.assert_close(grad, expected[name].grad, rtol=1e-4, atol=1e-5 * scale + 1e-7,
+                                       msg=f"update {update}: {name}")
 
     metrics = result["metrics"]
     assert metrics["kl"] > 1e-3 and metrics["clip_fraction"] > 0.01 and metrics["value_clip_fraction"] > 0.01
