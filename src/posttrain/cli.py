@@ -128,7 +128,8 @@ def _serve(args) -> None:
     serve(args.model, args.lora or [], host=args.host, port=args.port, api_key=args.api_key, device=device,
           chat_template=args.chat_template, dtype=dtype, max_rows=args.max_rows,
           max_request_bytes=args.max_request_bytes, cors=args.cors, backend=args.backend, rag=args.rag,
-          rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize)
+          rag_k=args.rag_k, rag_mode=args.rag_mode, rag_template=args.rag_template, quantize=args.quantize,
+          allow_remote_images=args.allow_remote_images)
 
 
 def _chat(args) -> None:
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most sequences decoded together (continuous batching: requests join and leave at every "
                         "step; one request's prompts x n count too)")
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get a 413")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (a vision-language model; off: only data URLs are read)")
     p.add_argument("--cors", action="append", metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (repeatable; * for any) to call the server")
     p.add_argument("--backend", choices=["engine", "vllm"], default="engine",

@@ -46,6 +46,7 @@ from .errors import ConfigError
 from .kv_cache import RowCache, supports_rows
 from .modeling import end_of_turn_token_ids
 from .sampler import RowSampler, row_key
+from .vlm import prefill_inputs
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Row:
     adapter: str | None = None  # a served LoRA adapter's name, "__base__" for the base, None: the model as it is
     wants_text: bool = False  # keep `shown` up to date every step (streaming); rows with stop strings always do
     owner: object = None
+    images: object = None  # the prompt's images (data/vision.Pictures) for a vision-language model
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -135,9 +137,10 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, stop_token_ids: list[int] | None = None):
+    def __init__(self, model, tokenizer, stop_token_ids: list[int] | None = None, vision=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.vision = vision  # a vision-language model's image side (data/vision.Vision), else None
         base = getattr(model, "get_base_model", lambda: model)()
         if stop_token_ids is None:
             configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
@@ -174,9 +177,10 @@ class Engine:
 
             check_adapter(model, adapter, str(model_dir))
             model = PeftModel.from_pretrained(model, str(adapter))
+        from .data.vision import load_vision
         from .quantize import quantize_weights
 
-        return cls(quantize_weights(model.to(device).eval(), quantize), tokenizer)
+        return cls(quantize_weights(model.to(device).eval(), quantize), tokenizer, vision=load_vision(str(model_dir)))
 
     @property
     def device(self) -> torch.device:
@@ -184,17 +188,23 @@ class Engine:
 
     # ---------------------------------------------------------------- public entry points
 
-    def rows(self, prompts: list[list[int]], params: SamplingParams, **row_fields) -> list[Row]:
-        """prompts x n rows; row i = prompt i // n, sample i % n, its random stream keyed by (seed, i)."""
+    def rows(self, prompts: list[list[int]], params: SamplingParams, images: list | None = None,
+             **row_fields) -> list[Row]:
+        """prompts x n rows; row i = prompt i // n, sample i % n, its random stream keyed by (seed, i). `images`:
+        each prompt's Pictures (image_prompt) or None."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("generate: every prompt needs at least one token")
-        return [Row(list(prompt), params, row_key(params.seed, index * params.n + j), prompt_index=index, **row_fields)
+        images = images or [None] * len(prompts)
+        return [Row(list(prompt), params, row_key(params.seed, index * params.n + j), prompt_index=index,
+                    images=images[index], **row_fields)
                 for index, prompt in enumerate(prompts) for j in range(params.n)]
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, max_rows: int | None = None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, max_rows: int | None = None,
+                 images: list | None = None) -> list[Completion]:
         """n completions per token-id prompt, in prompt order (completion i answers prompt i // n). At most
-        `max_rows` rows decode at once (None: all); a finished row's place goes to the next waiting one."""
-        rows = self.rows(prompts, params)
+        `max_rows` rows decode at once (None: all); a finished row's place goes to the next waiting one.
+        `images`: each prompt's Pictures (image_prompt) or None."""
+        rows = self.rows(prompts, params, images)
         scheduler = self.scheduler(max_rows or len(rows))
         scheduler.add(rows)
         with _eval_mode(self.model):
@@ -220,12 +230,31 @@ class Engine:
             raise ConfigError(f"the chat template could not render these messages: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Delta]:
+    def image_prompt(self, messages: list[dict], images: list[str], tools: list[dict] | None = None):
+        """(token ids, Pictures) of a conversation whose messages hold data/vision.IMAGE_SLOT where `images` (data
+        URLs or local paths, in order) belong: each image token repeated as the model's processor counts it."""
+        from .data.vision import Pictures, count_slots
+
+        if self.vision is None:
+            raise ConfigError("this model reads no images (it is not a vision-language model with an image "
+                              "processor)")
+        if sum(count_slots([m]) for m in messages) != len(images):
+            raise ConfigError(f"{len(images)} images for {sum(count_slots([m]) for m in messages)} image places")
+        ids = self.chat_prompt(messages, tools)
+        try:
+            ids, _, used = self.vision.expand(ids, [False] * len(ids), images)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if used != len(images):
+            raise ConfigError(f"the chat template wrote {used} image tokens for {len(images)} images")
+        return ids, Pictures(tuple(images), self.vision) if images else None
+
+    def stream(self, prompt: list[int], params: SamplingParams, images=None) -> Iterator[Delta]:
         """Text deltas for one prompt (params.n must be 1); the last Delta carries the Completion.
         Text that may be the start of a stop string, or an incomplete UTF-8 character, is held back."""
         if params.n != 1:
             raise ConfigError("stream: n must be 1")
-        row = self.rows([prompt], params, wants_text=True)[0]
+        row = self.rows([prompt], params, [images], wants_text=True)[0]
         scheduler = self.scheduler(1)
         scheduler.add([row])
         sent = 0
@@ -285,9 +314,11 @@ class Engine:
     # ---------------------------------------------------------------- used by the scheduler
 
     def forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str] | None,
-                last_only: bool) -> torch.Tensor:
-        """Logits [rows, vocab] of the last position, the cache updated in place."""
+                last_only: bool, inputs: dict | None = None) -> torch.Tensor:
+        """Logits [rows, vocab] of the last position, the cache updated in place. `inputs`: more model inputs (a
+        prefill's pixels, vlm.prefill_inputs)."""
         extra = {"adapter_names": adapters} if adapters is not None else {}
+        extra.update(inputs or {})
         if last_only and self.keeps_last_logits:
             extra["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -400,22 +431,26 @@ class Scheduler:
         engine = self.engine
         device = engine.device
         input_ids, mask = engine._left_pad([row.prompt + row.token_ids for row in rows], device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = next_positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = None
+        if any(row.images for row in rows):  # pixels, and Qwen2-VL's 3-D positions (decoding goes on from them)
+            inputs, positions, next_positions = prefill_inputs(engine.model, input_ids, mask, positions,
+                                                               [row.images for row in rows])
         cache = RowCache() if engine.rows_can_change else DynamicCache(config=getattr(engine.model, "config", None))
-        logits = engine.forward(input_ids, mask, positions, cache, self._adapters(rows), last_only=True)
+        logits = engine.forward(input_ids, mask, positions, cache, self._adapters(rows), last_only=True, inputs=inputs)
         self.vocab_size = logits.shape[-1]
         sampler = RowSampler.build(rows, self.vocab_size, engine.stop_token_ids, device)
         tokens = self._sample(logits, sampler, rows)
         self.stats["prefills"] += 1
         if not self.running:
-            self.cache, self.mask, self.positions, self.next_tokens = cache, mask, positions[:, -1] + 1, tokens
+            self.cache, self.mask, self.positions, self.next_tokens = cache, mask, next_positions[:, -1] + 1, tokens
             self.running = list(rows)
             self.sampler = sampler
         else:
             width = max(self.cache.width(), cache.width())
             self.cache.join(cache, width)
             self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
-            self.positions = torch.cat([self.positions, positions[:, -1] + 1])
+            self.positions = torch.cat([self.positions, next_positions[:, -1] + 1])
             self.next_tokens = torch.cat([self.next_tokens, tokens])
             self.running += rows
             self.sampler = RowSampler.build(self.running, self.vocab_size, engine.stop_token_ids, device)

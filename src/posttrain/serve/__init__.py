@@ -57,14 +57,16 @@ def load_engine(model: str, adapters: dict[str, str], dtype: str = "float32", ch
         network = network.to(device)
     from ..quantize import quantize_weights
 
-    return Engine(quantize_weights(network.eval(), quantize), tokenizer)
+    from ..data.vision import load_vision
+
+    return Engine(quantize_weights(network.eval(), quantize), tokenizer, vision=load_vision(model))
 
 
 def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           chat_template: str | None = None, dtype: str = "float32", max_rows: int = 64,
           max_request_bytes: int = 4 * 1024 * 1024, cors: list[str] | None = None, backend: str = "engine",
           rag: str | None = None, rag_k: int = 5, rag_mode: str | None = None, rag_template: str | None = None,
-          quantize: str | None = None, device: str | None = None) -> None:
+          quantize: str | None = None, device: str | None = None, allow_remote_images: bool = False) -> None:
     adapters = parse_loras(loras)
     if model in adapters:
         raise ConfigError(f"--lora {model}=...: an adapter cannot have the base model's name")
@@ -86,7 +88,8 @@ def serve(model: str, loras: list[str], host: str = "127.0.0.1", port: int = 800
     from .app import Server, create_app
 
     server = Server(load_engine(model, adapters, dtype, chat_template, quantize, device), model, adapters,
-                    api_key=api_key, max_rows=max_rows, max_request_bytes=max_request_bytes, cors=cors)
+                    api_key=api_key, max_rows=max_rows, max_request_bytes=max_request_bytes, cors=cors,
+                    allow_remote_images=allow_remote_images)
     if rag:  # the last user message retrieves from this index (see rag/prompt.py)
         from ..rag.prompt import load_augmenter
 

@@ -24,6 +24,7 @@ from ..engine import Engine, SamplingParams
 from ..errors import ConfigError
 from . import responses as r
 from .batcher import Batcher, Job
+from .images import request_images
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .tools import parse_tool_calls
 
@@ -38,15 +39,17 @@ class Server:
     rag = None  # `serve --rag`: a rag.prompt.Augmenter, messages -> (messages with context, citations)
 
     def __init__(self, engine: Engine, base_name: str, adapters: dict[str, str], api_key: str | None = None,
-                 max_rows: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES, cors: list[str] | None = None):
+                 max_rows: int = 64, max_request_bytes: int = MAX_REQUEST_BYTES, cors: list[str] | None = None,
+                 allow_remote_images: bool = False):
         self.engine = engine
+        self.allow_remote_images = allow_remote_images
         self.max_request_bytes = max_request_bytes
         self.cors = cors or []
         self.tokenizer = engine.tokenizer
         self.base_name = base_name
         self.adapters = adapters  # served name -> adapter directory
         self.api_key = api_key
-        config = getattr(engine.model, "get_base_model", lambda: engine.model)().config
+        config = getattr(engine.model, "get_base_model", lambda: engine.model)().config.get_text_config()  # (a VLM's)
         self.context_length = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                                or 2048)
         self.vocab_size = config.vocab_size
@@ -92,9 +95,21 @@ class Server:
         except ConfigError as exc:
             raise r.APIError(400, str(exc)) from None
 
-    async def chat_prompt(self, messages: list[dict], tools) -> list[int]:
+    async def images(self, messages: list) -> list[str]:
+        """The image parts of a request's messages as data URLs (serve/images.py), in order."""
+        urls = [url for index, message in enumerate(messages) for url in message.image_urls(index)]
+        if urls and self.engine.vision is None:
+            raise r.APIError(400, f"{urls[0][1]}: this model reads no images (it is not a vision-language model "
+                                  "with an image processor)", param=urls[0][1], code="images_not_supported")
+        return await asyncio.to_thread(request_images, urls, self.allow_remote_images, self.max_request_bytes) \
+            if urls else []
+
+    async def chat_prompt(self, messages: list[dict], tools, images: list[str] | None = None) -> tuple[list[int], object]:
+        """(token ids, the images' Pictures or None)."""
         try:
-            return await asyncio.to_thread(self.engine.chat_prompt, messages, tools)
+            if images:
+                return await asyncio.to_thread(self.engine.image_prompt, messages, images, tools)
+            return await asyncio.to_thread(self.engine.chat_prompt, messages, tools), None
         except ConfigError as exc:
             raise r.APIError(400, str(exc), param="messages") from None
 
@@ -167,7 +182,7 @@ async def chat_completions(server: Server, request: Request):
     if server.rag is not None and body.rag:
         messages, citations = await retrieve(server, messages)
     cited = {"citations": citations} if citations is not None else {}
-    prompt = await server.chat_prompt(messages, body.tools)
+    prompt, pictures = await server.chat_prompt(messages, body.tools, await server.images(body.messages))
     top = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream and body.logprobs:
         raise r.APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
@@ -175,7 +190,7 @@ async def chat_completions(server: Server, request: Request):
     # with tools a streamed answer is sent whole at the end: its tool calls are known only then
     tools = bool(body.tools) and body.tool_choice != "none"
     job = server.batcher.submit(Job(body.model, [prompt] * body.n, params, stream=body.stream and not tools,
-                                    prompt_tokens=len(prompt)))
+                                    prompt_tokens=len(prompt), images=pictures))
     id = r.new_id("chatcmpl")
     if body.stream:
         return StreamingResponse(chat_stream(server, job, id, body, len(prompt), cited),
@@ -400,7 +415,8 @@ def create_app(server: Server) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise r.APIError(400, "give either `prompt` or `messages`", param="prompt")
         if body.messages is not None:
-            tokens = await server.chat_prompt([m.for_template() for m in body.messages], None)
+            tokens, _ = await server.chat_prompt([m.for_template() for m in body.messages], None,
+                                                 await server.images(body.messages))
         else:
             tokens = await server.tokenize(body.prompt, body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": server.context_length, "tokens": tokens}

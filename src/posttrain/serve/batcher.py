@@ -39,6 +39,7 @@ class Job:
     stream: bool = False
     prompt_logprobs: int | None = None  # score the distinct prompts too, with this many top log-probs
     prompt_tokens: int = 0  # as usage counts them (each prompt once, whatever n)
+    images: object = None  # the prompts' images (data/vision.Pictures; a chat request's, shared by its choices)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -112,7 +113,7 @@ class Batcher:
             job.send("error", exc)
             return
         job.rows = [Row(prompt, job.params, row_key(job.params.seed, choice), prompt_index=choice, adapter=adapter,
-                        wants_text=job.stream, owner=job) for choice, prompt in enumerate(job.prompts)]
+                        wants_text=job.stream, owner=job, images=job.images) for choice, prompt in enumerate(job.prompts)]
         job.sent = [0] * len(job.rows)
         self.stats["prompt_tokens"] += job.prompt_tokens
         self.open[job.id] = job

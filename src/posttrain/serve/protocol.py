@@ -39,22 +39,42 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the size
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(_Body):
     model_config = ConfigDict(extra="allow", strict=True)  # tool_calls, tool_call_id, name reach the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     def for_template(self) -> dict:
         """The message as chat templates know it: `developer` (OpenAI's newer name for the system role) becomes
-        `system`; text parts are joined."""
+        `system`; text parts are joined, an image part leaves its place (data/vision.IMAGE_SLOT)."""
+        from ..data.vision import IMAGE_SLOT
+
         message = self.model_dump(exclude_none=True)
         if message["role"] == "developer":
             message["role"] = "system"
         if isinstance(self.content, list):
-            message["content"] = "".join(part.text for part in self.content)
+            message["content"] = "".join(part.text if isinstance(part, TextPart) else IMAGE_SLOT
+                                         for part in self.content)
         message.setdefault("content", "")
         return message
+
+    def image_urls(self, index: int) -> list[tuple[str, str]]:
+        """(url, where) of each image part, `where` naming it as a 400 does (messages.I.content.J)."""
+        if not isinstance(self.content, list):
+            return []
+        return [(part.image_url.url, f"messages.{index}.content.{j}") for j, part in enumerate(self.content)
+                if isinstance(part, ImagePart)]
 
 
 # fields with a value that means "off"; any other value is a 400 (not implemented, never silently ignored)
