@@ -28,17 +28,20 @@ def build_app(workdir: str):
     jobs = Jobs(ws)
     tabs = {"Train": TrainTab(ws, jobs), "Runs": RunsTab(ws), "Chat": ChatTab(ws), "Label": LabelTab(ws, jobs),
             "Evaluate": EvaluateTab(ws, jobs), "Export": ExportTab(ws, jobs)}
-    loads = []
     with gr.Blocks(title="posttrain") as app:
         gr.Markdown(f"## posttrain · workdir `{ws.root}`")
         with gr.Tabs():
             for name, tab in tabs.items():
-                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}"):
-                    loads.append(tab.build())
-        for found in loads:  # a (re)loaded page: fresh file lists, the running job re-attached
-            if found and "load" in found:
-                fn, outputs = found["load"]
-                app.load(fn, None, outputs, api_visibility="private")
+                with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}") as page:
+                    found = tab.build() or {}
+                # a (re)loaded page: fresh file lists, the running job re-attached; opening a tab lists again what
+                # appeared since (a run trained in Train is then in Runs and Chat without reloading the page)
+                if "load" in found or "lists" in found:
+                    fn, outputs = found.get("load") or found["lists"]
+                    app.load(fn, None, outputs, api_visibility="private")
+                if "lists" in found:
+                    fn, outputs = found["lists"]
+                    page.select(fn, None, outputs, api_visibility="private", show_progress="hidden")
     app.workspace, app.tabs = ws, tabs
     return app
 

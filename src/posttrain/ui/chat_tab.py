@@ -231,7 +231,7 @@ class ChatTab:
             models, adapters = self.ws.models(), self.ws.adapters()
             return (gr.update(choices=models), gr.update(choices=adapters), gr.update(choices=models),
                     gr.update(choices=adapters), gr.update(choices=self.ws.files((".db",))))
-        return {"load": (lists, [model_a, adapter_a, model_b, adapter_b, rag])}
+        return {"lists": (lists, [model_a, adapter_a, model_b, adapter_b, rag])}
 
 
 def _text(content) -> str:

@@ -119,4 +119,4 @@ class EvaluateTab:
             models, data_files = self.ws.models(), self.ws.data_files()
             return (gr.update(choices=models), gr.update(choices=data_files), gr.update(choices=data_files),
                     gr.update(choices=data_files), gr.update(choices=self.results()))
-        return {"load": (lists, [model, tasks, data, pairs, chosen])}
+        return {"lists": (lists, [model, tasks, data, pairs, chosen])}

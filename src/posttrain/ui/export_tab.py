@@ -65,4 +65,4 @@ class ExportTab:
 
         def lists():
             return gr.update(choices=self.ws.models()), gr.update(choices=self.ws.adapters())
-        return {"load": (lists, [model, adapter])}
+        return {"lists": (lists, [model, adapter])}

@@ -351,7 +351,7 @@ class LabelTab:
         def lists():
             return (gr.update(choices=self.ws.files((".candidates.jsonl",))), gr.update(choices=self.ws.data_files()),
                     gr.update(choices=self.ws.models()))
-        return {"load": (lists, [candidates, prompts, model])}
+        return {"lists": (lists, [candidates, prompts, model])}
 
 
 def _agreement_text(found: list[dict]) -> str:

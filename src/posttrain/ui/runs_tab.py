@@ -179,4 +179,4 @@ class RunsTab:
         api = gr.Button(visible=False)
         api.click(self.details, run, gr.JSON(visible=False, label="details"), api_name="run_details")
         api.click(compared, [chosen, metric], [overlay, side, note], api_name="runs_compare")
-        return {"load": (lists, [table, run, chosen])}
+        return {"lists": (lists, [table, run, chosen])}

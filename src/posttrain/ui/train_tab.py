@@ -332,7 +332,8 @@ class TrainTab:
                     gr.update(choices=self.ws.recipes()))
         refresh.click(lists, None, [model, train_files, eval_file, recipe], api_visibility="private")
         return {"load": (lambda: (gr.update(choices=self.job_choices(), value=self.attach() or None),
-                                  *lists()), [job, model, train_files, eval_file, recipe])}
+                                  *lists()), [job, model, train_files, eval_file, recipe]),
+                "lists": (lists, [model, train_files, eval_file, recipe])}
 
     def load_form(self, text: str) -> list:
         import gradio as gr
