@@ -239,3 +239,31 @@ def test_a_text_only_server_refuses_images(servers, tiny_model, images):
     body = refused(clients["text"], tiny_model, image_message(data_url(images["red"])))
     assert body["code"] == "images_not_supported" and "reads no images" in body["message"]
     assert ask(clients["text"], tiny_model, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]).choices
+
+
+def test_generate_cli_answers_prompts_with_images_like_the_engine(vlms, images, tmp_path):
+    from conftest import run_cli, write_jsonl
+
+    for name, path in images.items():
+        shutil.copyfile(path, tmp_path / f"{name}.png")
+    rows = [{"prompt": "<image>" + QUESTION, "images": ["red.png"], "id": 1},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "blue.png"}},
+                                                       {"type": "text", "text": QUESTION}]}], "id": 2},
+            {"prompt": "No picture here.", "id": 3}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    run_cli("generate", "--model", vlms["qwen2-vl"], "--prompts", prompts, "--out", tmp_path / "out.jsonl",
+            "--temperature", "0", "--max-new-tokens", "6", "--n", "1")
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in written] == [1, 2, 3] and written[0]["images"] == ["red.png"]
+    engine = Engine.load(vlms["qwen2-vl"])
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    for row, colour in zip(written[:2], ("red", "blue")):
+        prompt, pictures = engine.image_prompt(user(QUESTION), [str(tmp_path / f"{colour}.png")])
+        assert row["responses"] == [engine.generate([prompt], params, images=[pictures])[0].text]
+    assert written[2]["responses"] == [engine.chat([[{"role": "user", "content": "No picture here."}]], params)[0].text]
+
+    write_jsonl(prompts, [rows[0], {**rows[0], "images": ["purple.png"]}])
+    result = run_cli("generate", "--model", vlms["qwen2-vl"], "--prompts", prompts, "--out", tmp_path / "bad.jsonl",
+                     check=False)
+    assert result.returncode != 0 and "prompts.jsonl:2: field 'images[0]': image file not found" in result.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
