@@ -274,6 +274,17 @@ def test_evaluate_and_export(ui, workdir):
     assert (workdir / "exports/model.gguf").stat().st_size > 0
 
 
+def test_eval_curves_leave_the_token_count_out():
+    """An SFT run with an eval set logs eval_loss, eval_perplexity and eval_tokens (a count): the eval plot shows the
+    perplexity alone, the loss plot both losses."""
+    from posttrain.ui.curves import curves
+
+    rows = [{"step": 4, "loss": 5.38, "eval_loss": 5.28, "eval_perplexity": 196.8, "eval_tokens": 40000},
+            {"step": 8, "loss": 4.87, "eval_loss": 4.75, "eval_perplexity": 115.6, "eval_tokens": 40000}]
+    assert sorted(set(curves(rows, "eval")["metric"])) == ["eval_perplexity"]
+    assert sorted(set(curves(rows, "loss")["metric"])) == ["eval_loss", "loss"]
+
+
 def test_trainer_stops_on_sigterm_only_in_main_thread():
     """StopRequest installs its handler only where signals can arrive (the main thread, one process) and puts the
     previous handler back."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NOT_PLOTTED = {"step", "epoch", "lr", "grad_norm", "tokens_per_s"}
+# eval_tokens counts the eval set's tokens: the same number at every eval, and thousands of times the perplexity
+# or accuracy it would share a plot with (their curves were flattened against the axis)
+NOT_PLOTTED = {"step", "epoch", "lr", "grad_norm", "tokens_per_s", "eval_tokens"}
 GROUPS = ("loss", "eval", "other")
 
 
