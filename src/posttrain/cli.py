@@ -163,9 +163,10 @@ def _demo(args) -> None:
     from .demo.run import run_demo
 
     try:
-        run_demo(Path(args.out), quick=args.quick)
+        run_demo(Path(args.out), quick=args.quick, frontier=args.frontier)
     except KeyboardInterrupt:
-        again = shlex.join(["posttrain", "demo", *(["--quick"] if args.quick else []), "--out", args.out])
+        again = shlex.join(["posttrain", "demo", *(["--quick"] if args.quick else []),
+                            *(["--frontier"] if args.frontier else []), "--out", args.out])
         raise KeyboardInterrupt(f"`{again}` continues after the last completed step") from None
 
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: tiny model, generated data, the pipeline end to end")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+    p.add_argument("--frontier", action="store_true", help="also DPO at 3 betas and PPO at 3 KL coefficients: the "
+                                                           "gold score against KL (reuses a finished run's steps)")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=_demo)
 

@@ -8,7 +8,8 @@
         config: examples/sft.yaml     # optional; inline keys are merged into it, then `overrides` applied
         overrides: {train.max_steps: 2}
         model: out/pt
-      - name: candidates              # other kinds: init-model, generate, rank, pairs, score, eval
+      - name: candidates              # other kinds: init-model, generate, rank, pairs, score, eval, rag-index,
+                                      # rag-sft-data, init-encoder, rag-pairs, rag-eval
         kind: generate
         model: ${sft.output}          # an earlier step's output (a directory or a file)
         prompts: ${vars.data}/sft_eval.jsonl
@@ -236,16 +237,81 @@ class RagIndexStep(_Keys):
     embedder: str | None = None
     chunk_tokens: int = 256
     overlap: int = 32
+    rebuild: bool = False  # start afresh: a rerun after the embedder changed (else refused: two vector spaces)
 
 
 class RagSftDataStep(_Keys):
-    index: str
-    questions: str
+    index: str | list[str]  # several indexes (e.g. a knowledge base on several days): one questions file each
+    questions: str | list[str]
     k: int = 3
     no_answer: float = 0.2
     seed: int = 0
     mode: str | None = None
     template: str | None = None
+
+
+class InitEncoderStep(_Keys):
+    corpus: str | list[str]
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    vocab_size: int = 2000
+    max_length: int = 256
+    pooling: str = "mean"
+    seed: int = 0
+
+
+class RagPairsStep(_Keys):
+    index: str
+    questions: str
+    negatives: bool = True
+
+
+class RagEvalStep(_Keys):
+    index: str
+    questions: str
+    k: int = 5
+    modes: list[str] | None = None
+    model: str | None = None
+    answer_k: int | None = None  # chunks in the prompt when `model` answers (default: k)
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    template: str | None = None
+
+
+def _run_init_encoder(cfg: dict, out: Path) -> dict:
+    from .init_model import read_corpus
+    from .rag.embed import init_encoder
+
+    corpus = cfg.pop("corpus")
+    init_encoder(read_corpus(corpus if isinstance(corpus, list) else [corpus]), out, **cfg)
+    return {"hidden": cfg["hidden"], "layers": cfg["layers"], "pooling": cfg["pooling"]}
+
+
+def _run_rag_pairs(cfg: dict, out: Path) -> dict:
+    from .rag.pairs import pairs_from_questions
+
+    return pairs_from_questions(cfg["index"], cfg["questions"], str(out), negatives=cfg["negatives"])
+
+
+def _run_rag_eval(cfg: dict, out: Path) -> dict:
+    """Retrieval metrics at k for every mode; with a model, answer accuracy without and with retrieval (the
+    first mode, `answer_k` chunks in the prompt)."""
+    from .rag.evaluate import evaluate_rag, write_result
+
+    model, answer_k = cfg.pop("model"), cfg.pop("answer_k")
+    index, questions = cfg.pop("index"), cfg.pop("questions")
+    common = {"max_new_tokens": cfg.pop("max_new_tokens"), "batch_size": cfg.pop("batch_size"),
+              "template": cfg.pop("template")}
+    result = evaluate_rag(index, questions, k=cfg["k"], modes=cfg["modes"], **common)
+    if model:
+        answers = evaluate_rag(index, questions, k=answer_k or cfg["k"], modes=(cfg["modes"] or [])[:1] or None,
+                               model=model, **common)
+        result.update({key: answers[key] for key in ("model", "answered", "answer_accuracy_without_rag",
+                                                     "answer_accuracy_with_rag")},
+                      answer_k=answers["k"], answer_mode=answers["mode"])
+    write_result(result, str(out))
+    return result
 
 
 def _run_rag_index(cfg: dict, out: Path) -> dict:
@@ -258,9 +324,27 @@ def _run_rag_index(cfg: dict, out: Path) -> dict:
 
 
 def _run_rag_sft_data(cfg: dict, out: Path) -> dict:
+    """One file of rows; with lists, each index with its questions file (seeds seed, seed + 1, ...)."""
     from .rag.sft_data import make_sft_data
 
-    return make_sft_data(cfg.pop("index"), cfg.pop("questions"), str(out), **cfg)
+    indexes, questions = cfg.pop("index"), cfg.pop("questions")
+    if isinstance(indexes, str) and isinstance(questions, str):
+        return make_sft_data(indexes, questions, str(out), **cfg)
+    indexes, questions = [indexes] if isinstance(indexes, str) else indexes, \
+        [questions] if isinstance(questions, str) else questions
+    if len(indexes) != len(questions):
+        raise ConfigError(f"rag-sft-data: {len(indexes)} indexes but {len(questions)} questions files (one each)")
+    totals: dict = {}
+    partial = out.with_name(f".{out.name}.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        for i, (index, path) in enumerate(zip(indexes, questions)):
+            part = out.with_name(f".{out.name}.{i}")
+            counts = make_sft_data(index, path, str(part), **{**cfg, "seed": cfg["seed"] + i})
+            handle.write(part.read_text(encoding="utf-8"))
+            part.unlink()
+            totals = {key: totals.get(key, 0) + value for key, value in counts.items()}
+    partial.replace(out)
+    return totals
 
 
 @dataclass(frozen=True)
@@ -280,6 +364,9 @@ KINDS = {
     "eval": Kind(EvalStep, "eval.json", _run_eval),
     "rag-index": Kind(RagIndexStep, "index.db", _run_rag_index),  # incremental when rerun on changed files
     "rag-sft-data": Kind(RagSftDataStep, "sft.jsonl", _run_rag_sft_data),
+    "init-encoder": Kind(InitEncoderStep, None, _run_init_encoder),  # a random encoder to train with stage: embed
+    "rag-pairs": Kind(RagPairsStep, "pairs.jsonl", _run_rag_pairs),  # (question, chunk) pairs for stage: embed
+    "rag-eval": Kind(RagEvalStep, "rag_eval.json", _run_rag_eval),
 }
 
 
