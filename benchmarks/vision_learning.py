@@ -98,7 +98,7 @@ def run(workdir: Path, arch: str = "qwen2-vl", steps: int = 150, train_size: int
         "stage": "sft", "model": str(model), "output_dir": str(workdir / "out"), "overwrite_output_dir": True,
         "data": {"train": str(data), "max_length": 64},
         "train": {"max_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "log_steps": 10,
-                  "warmup_steps": min(10, steps // 10), "scheduler": "constant"},
+                  "warmup_steps": min(10, steps // 10), "scheduler": "cosine"},
         "freeze": {"vision_tower": False, "projector": False}}))
     trained = time.time() - trained
     return {"arch": arch, "steps": steps, "batch_size": batch_size, "lr": lr, "train_size": train_size,

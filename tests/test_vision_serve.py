@@ -97,7 +97,8 @@ def test_engine_greedy_with_images_equals_transformers_generate(vlms, images, ar
                              do_sample=False, output_scores=True, return_dict_in_generate=True)
         expected = out.sequences[0, len(prompt):].tolist()
         assert completion.token_ids == expected
-        reference = [torch.log_softmax(score[0].float(), -1)[token].item() for score, token in zip(out.scores, expected)]
+        reference = [torch.log_softmax(score[0].float(), -1)[token].item()
+                     for score, token in zip(out.scores, expected)]
         assert completion.logprobs == pytest.approx(reference, abs=1e-4)
     assert len({tuple(c.token_ids) for c in batched}) > 1, "different pictures should give different answers"
 
@@ -192,7 +193,8 @@ def test_serve_reads_data_urls_like_the_engine(servers, vlms, images):
         stream=True, extra_body={"ignore_eos": True}) if chunk.choices)
     assert streamed == ask(clients["vlm"], vlms["qwen2-vl"], image_message(data_url(images["red"]))).choices[0] \
         .message.content
-    request = urllib.request.Request(urls["vlm"] + "/tokenize", method="POST", headers={"Content-Type": "application/json"},
+    request = urllib.request.Request(urls["vlm"] + "/tokenize", method="POST",
+                                     headers={"Content-Type": "application/json"},
                                      data=json.dumps({"messages": image_message(data_url(images["red"]))}).encode())
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["count"] == len(engine.image_prompt(

@@ -104,7 +104,8 @@ class Server:
         return await asyncio.to_thread(request_images, urls, self.allow_remote_images, self.max_request_bytes) \
             if urls else []
 
-    async def chat_prompt(self, messages: list[dict], tools, images: list[str] | None = None) -> tuple[list[int], object]:
+    async def chat_prompt(self, messages: list[dict], tools,
+                          images: list[str] | None = None) -> tuple[list[int], object]:
         """(token ids, the images' Pictures or None)."""
         try:
             if images:

@@ -113,7 +113,8 @@ class Batcher:
             job.send("error", exc)
             return
         job.rows = [Row(prompt, job.params, row_key(job.params.seed, choice), prompt_index=choice, adapter=adapter,
-                        wants_text=job.stream, owner=job, images=job.images) for choice, prompt in enumerate(job.prompts)]
+                        wants_text=job.stream, owner=job, images=job.images)
+                    for choice, prompt in enumerate(job.prompts)]
         job.sent = [0] * len(job.rows)
         self.stats["prompt_tokens"] += job.prompt_tokens
         self.open[job.id] = job
