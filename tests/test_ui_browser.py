@@ -135,6 +135,8 @@ def visit_train(page, root: Path, job_id: str, shots: Path) -> None:
     }""", timeout=WAIT)
     page.wait_for_timeout(2500)  # the next refresh draws the curves up to here
     page.locator("#train-loss-plot canvas, #train-loss-plot svg").first.wait_for(timeout=WAIT)
+    # eval_loss is drawn beside loss, even when the plot was first drawn before the first eval
+    wait_legend(page, "#train-loss-plot", ["loss", "eval_loss"])
     page.locator("#train-job").evaluate("e => e.scrollIntoView({block: 'start'})")
     page.screenshot(path=str(shots / "ui-train.png"))
     page.locator("#train-stop").click()
@@ -156,6 +158,13 @@ def visit_runs(page, shots: Path) -> None:
     page.locator("#runs-summary").get_by_text("final_eval").wait_for(timeout=WAIT)
     page.locator("#runs-plots img").first.wait_for(timeout=WAIT)
     page.screenshot(path=str(shots / "ui-runs.png"))
+    # compare one run, then two: the second run's loss curve is drawn too
+    add_choice(page, "#runs-compare", "runs/sft")
+    page.locator("#runs-compare-button").click()
+    wait_legend(page, "#runs-overlay", ["runs/sft"])
+    add_choice(page, "#runs-compare", "runs/live")
+    page.locator("#runs-compare-button").click()
+    wait_legend(page, "#runs-overlay", ["runs/sft", "runs/live"])
 
 
 def visit_chat(page, workdir: Path, shots: Path) -> None:
@@ -248,11 +257,34 @@ def wait_text(page, selector: str, pattern: str) -> None:
     """Wait until the text a person sees in `selector` matches: a text box's value, else innerText (which leaves out
     the hidden copies gradio keeps)."""
     try:
-        page.wait_for_function("([selector, pattern]) => new RegExp(pattern).test((e => e ? e.value ?? e.innerText : '')"
-                               "(document.querySelector(selector)))", arg=[selector, pattern], timeout=WAIT)
+        page.wait_for_function("([selector, pattern]) => new RegExp(pattern).test("
+                               "(e => e ? e.value ?? e.innerText : '')(document.querySelector(selector)))",
+                               arg=[selector, pattern], timeout=WAIT)
     except playwright_api.TimeoutError:
         shown = page.locator(selector).evaluate("e => e.value ?? e.innerText")
         raise AssertionError(f"{selector} never matched {pattern!r}; it shows: {shown[-1500:]!r}") from None
+
+
+def add_choice(page, selector: str, value: str) -> None:
+    """Add a value to a multiselect dropdown as a person does: type it, click the option."""
+    box = page.locator(f"{selector} input")
+    box.click()
+    box.fill(value)
+    page.locator(f"{selector} [role=option]", has_text=value).first.click()
+    box.press("Escape")
+    wait_text(page, selector, re.escape(value))
+
+
+def wait_legend(page, selector: str, names: list[str]) -> None:
+    """Wait until a plot's legend (gradio draws its plots as SVG) names exactly these curves."""
+    script = ("([selector, names]) => JSON.stringify(Array.from(document.querySelectorAll(selector + ' svg "
+              ".role-legend-label text')).map(e => e.textContent)) === JSON.stringify(names)")
+    try:
+        page.wait_for_function(script, arg=[selector, names], timeout=WAIT)
+    except playwright_api.TimeoutError:
+        shown = page.evaluate("s => Array.from(document.querySelectorAll(s + ' svg .role-legend-label text'))"
+                              ".map(e => e.textContent)", selector)
+        raise AssertionError(f"{selector}'s legend never showed {names}; it shows {shown}") from None
 
 
 def open_tab(page, name: str) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 # or accuracy it would share a plot with (their curves were flattened against the axis)
 NOT_PLOTTED = {"step", "epoch", "lr", "grad_norm", "tokens_per_s", "eval_tokens"}
 GROUPS = ("loss", "eval", "other")
+PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
+           "#bab0ac")  # Vega's tableau10, the colours the plots had before
 
 
 def read_metrics(path: Path | None) -> list[dict]:
@@ -43,6 +45,22 @@ def curves(rows: list[dict], group: str, label: str | None = None):
                for row in rows for key, value in row.items()
                if group_of(key) == group and isinstance(value, (int, float)) and not isinstance(value, bool)]
     return pd.DataFrame(records, columns=["step", "value", "metric"])
+
+
+def colours(value: dict | None) -> dict:
+    """A colour for each metric (or run) of a line plot's value as Gradio hands it back ({columns, data}), in the
+    order they first appear.
+
+    Gradio draws a line plot's colours from the table it had when it last built the chart, and a new value only swaps
+    the data: a metric that appears later (eval_loss at the first eval, a second run compared) was not drawn at all.
+    Setting the plot's color_map in a later event (`.then`) rebuilds the chart from the table it shows by then; the
+    same colour map again changes nothing. (Set in the same event as the value, the chart is rebuilt from the
+    table before: measured with Gradio 6.31 in Chromium.)"""
+    columns = list((value or {}).get("columns") or [])
+    if "metric" not in columns:
+        return {}
+    names = dict.fromkeys(row[columns.index("metric")] for row in value.get("data") or [])
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
 def metric_names(rows: list[dict]) -> list[str]:

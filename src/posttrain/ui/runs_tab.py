@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, PosttrainError
-from .curves import metric_curve, metric_names, read_metrics
+from .curves import colours, metric_curve, metric_names, read_metrics
 from .workspace import Workspace, path_dropdown
 
 MARKERS = ("summary.json", "metrics.jsonl", "lineage.json")
@@ -167,7 +167,8 @@ class RunsTab:
             except PosttrainError as exc:
                 return gr.skip(), gr.skip(), f"**{exc}**"
             return curves, finals, ""
-        compare.click(compared, [chosen, metric], [overlay, side, note], api_visibility="private")
+        compare.click(compared, [chosen, metric], [overlay, side, note], api_visibility="private").then(
+            lambda frame: gr.update(color_map=colours(frame)), overlay, overlay, api_visibility="private")
         chosen.change(lambda names: gr.update(choices=self.metrics_of(names) or ["loss"]), chosen, metric,
                       api_visibility="private")
 

@@ -13,7 +13,7 @@ import yaml
 from ..config import DataSource, build_config
 from ..errors import ConfigError, PosttrainError
 from . import config_form
-from .curves import curves, read_metrics
+from .curves import colours, curves, read_metrics
 from .jobs import Jobs
 from .workspace import Workspace, path_dropdown, write_text
 
@@ -323,8 +323,13 @@ class TrainTab:
         api.click(lambda: [[j.id, j.kind, j.title, self.jobs.state(j)] for j in self.jobs.list()], None,
                   gr.JSON(visible=False, label="jobs"), api_name="jobs")
         panel = [progress, loss_plot, eval_plot, other_plot, log]
-        timer.tick(self.view, job, panel, api_visibility="private", show_progress="hidden")
-        job.change(self.view, job, panel, api_visibility="private", show_progress="hidden")
+        plots = [loss_plot, eval_plot, other_plot]
+
+        def recolour(*frames):  # after the curves have arrived: draws metrics that appeared since (curves.colours)
+            return tuple(gr.update(color_map=colours(frame)) for frame in frames)
+        for trigger in (timer.tick, job.change):
+            trigger(self.view, job, panel, api_visibility="private", show_progress="hidden").then(
+                recolour, plots, plots, api_visibility="private", show_progress="hidden")
 
         def lists():
             models, files = self.ws.models(), self.ws.data_files()
