@@ -137,6 +137,11 @@ def test_placeholder_mismatch_and_missing_images_name_the_row(pictures):
     assert len(examples) == 3 and sum(report.skipped.values()) == 1
     assert "skipped 1 invalid rows" in report.summary() and "image file not found" in report.summary()
 
+    rows[2]["image"] = "http://127.0.0.1:9/red.png"  # nothing is downloaded while training
+    write_jsonl(pictures / "remote.jsonl", rows)
+    with pytest.raises(DataError, match=r"remote.jsonl:3: field 'image': remote image"):
+        load_examples(str(pictures / "remote.jsonl"), kind="conversation", images=True)
+
 
 def test_an_unreadable_image_is_named_or_skipped_and_counted(vlms, pictures, tmp_path):
     (tmp_path / "images").mkdir()
