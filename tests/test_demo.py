@@ -112,8 +112,8 @@ def test_frontier_adds_dpo_and_ppo_settings_to_the_same_recipe(tmp_path):
     assert recipe["steps"][:len(base["steps"])] == base["steps"]
     extra = {s["name"]: s for s in recipe["steps"][len(base["steps"]):]}
     assert len(extra) == 2 * sum(len(values) for _, values in FRONTIER.values())
-    assert extra["dpo_beta_0_3"]["dpo"]["beta"] == 0.3 and extra["ppo_kl_coef_0_2"]["ppo"]["kl_coef"] == 0.2
-    assert extra["eval_dpo_beta_0_3"]["model"] == "${dpo_beta_0_3.output}"
+    assert extra["dpo_beta_0_1"]["dpo"]["beta"] == 0.1 and extra["ppo_kl_coef_0_05"]["ppo"]["kl_coef"] == 0.05
+    assert extra["eval_dpo_beta_0_1"]["model"] == "${dpo_beta_0_1.output}"
     steps = {s.name: s for s in resolve(recipe)}
     assert steps["ppo_kl_coef_0_01"].config["ppo"]["kl_coef"] == 0.01
     assert steps["eval_ppo_kl_coef_0_01"].config["reference"] == str(tmp_path / "sft")

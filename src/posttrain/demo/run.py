@@ -38,7 +38,7 @@ QUICK = {"data": {"pretrain": 300, "sft": 400, "sft_eval": 20, "tasks": 48, "tas
                   "ppo_prompts": 4, "grpo_prompts": 2, "n_eval": 16, "chat_samples": 2, "task_samples": 2,
                   "chat_tokens": 24, "embed_steps": 4, "rag_sft_steps": 4, "rag_tokens": 12}}
 # the frontier's extra settings (the recipe's own dpo_beta and ppo_kl are the third point of each)
-FRONTIER = {"dpo": ("beta", (0.03, 0.3)), "ppo": ("kl_coef", (0.01, 0.2))}
+FRONTIER = {"dpo": ("beta", (0.03, 0.1)), "ppo": ("kl_coef", (0.01, 0.05))}
 
 
 def demo_recipe(out: Path, quick: bool, frontier: bool = False) -> dict:
