@@ -269,3 +269,34 @@ def test_generate_cli_answers_prompts_with_images_like_the_engine(vlms, images, 
                      check=False)
     assert result.returncode != 0 and "prompts.jsonl:2: field 'images[0]': image file not found" in result.stderr
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_eval_cli_scores_image_tasks_with_the_engines_answers(vlms, images, tmp_path):
+    from conftest import run_cli, write_jsonl
+    from posttrain.rl.rewards import normalize_answer
+
+    for name, path in images.items():
+        shutil.copyfile(path, tmp_path / f"{name}.png")
+    engine = Engine.load(vlms["llava"])
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    answers = {}
+    for colour in ("red", "blue"):
+        prompt, pictures = engine.image_prompt(user(QUESTION), [str(tmp_path / f"{colour}.png")])
+        answers[colour] = engine.generate([prompt], params, images=[pictures])[0].text
+    assert normalize_answer(answers["red"]), "the model's answer should not be empty"
+    # the red row's answer is what the model says (right); the blue row's is not (wrong): accuracy 0.5 exactly
+    rows = [{"prompt": "<image>" + QUESTION, "images": ["red.png"], "answer": answers["red"]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "blue.png"}},
+                                                       {"type": "text", "text": QUESTION}]}],
+             "answer": answers["blue"] + " not this"}]
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    run_cli("eval", "--model", vlms["llava"], "--tasks", tasks, "--max-new-tokens", "6", "--out", tmp_path / "r.json",
+            "--generations", tmp_path / "g.jsonl")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["task_accuracy"] == 0.5 and result["tasks"] == 2
+    generations = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [g["response"] for g in generations] == [answers["red"], answers["blue"]]
+    assert [g["score"] for g in generations] == [1.0, 0.0]
+
+    refused = run_cli("eval", "--model", vlms["llava"], "--tasks", tasks, "--reference", vlms["llava"], check=False)
+    assert refused.returncode != 0 and "have images" in refused.stderr and "Traceback" not in refused.stderr

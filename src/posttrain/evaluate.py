@@ -39,7 +39,7 @@ from .data.pairs import encode_feedback, encode_preference
 from .data.sources import read_rows
 from .engine import Completion, Engine, SamplingParams
 from .errors import ConfigError
-from .generate import prompt_token_ids, read_prompts
+from .generate import encode_prompts, prompt_token_ids, read_image_prompts
 from .forward import sequence_logps
 from .stages.lm import lm_evaluate
 
@@ -77,12 +77,15 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
     engine = Engine.load(model, adapter, chat_template=chat_template, quantize=quantize, device=device, dtype=dtype)
     rows, prompts, completions, checks, scores, sampled = [], [], [], None, None, None
     if tasks:
-        rows, prompts, completions = _answer(engine, tasks, max_new_tokens, n_samples, batch_size, rag)
+        rows, prompts, completions, pictures = _answer(engine, tasks, max_new_tokens, n_samples, batch_size, rag)
+        if any(pictures) and (reference or reward_model):
+            raise ConfigError("eval: the KL to a reference and reward-model scores read text only; the tasks "
+                              f"in {tasks} have images (leave out --reference / --reward-model)")
         metrics, checks = _task_metrics(rows, completions, _checker(checker))
         result.update(metrics)
         if samples:
-            metrics, sampled = _sampled(engine, rows, prompts, _checker(checker), samples, temperature, seed,
-                                        max_new_tokens, batch_size)
+            metrics, sampled = _sampled(engine, rows, prompts, pictures, _checker(checker), samples, temperature,
+                                        seed, max_new_tokens, batch_size)
             result.update(metrics)
     policy_logps = _logps(engine.model, engine.tokenizer.pad_token_id, prompts, completions, batch_size) \
         if reference and completions else None
@@ -112,21 +115,28 @@ def evaluate(model: str, *, adapter: str | None = None, tasks: str | None = None
 def _answer(engine: Engine, path: str, max_new_tokens: int, n_samples: int | None, batch_size: int, rag=None):
     """Greedy answers for the task prompts, batched by prompt length (a row's answer does not depend on
     its neighbours), returned in file order. `rag` (a rag.prompt.Augmenter, `eval --rag INDEX`): each prompt's
-    last user turn retrieves first and is answered in the serving template."""
-    rows = read_prompts(path)[:n_samples]
-    token_prompts = [prompt_token_ids(engine, rag(messages)[0] if rag else messages) for _, messages in rows]
+    last user turn retrieves first and is answered in the serving template. A vision-language model's task rows
+    may hold images, read as `generate` reads them; also returned: each prompt's Pictures (None: no image)."""
+    read = read_image_prompts(path, images=engine.vision is not None)[:n_samples]
+    if rag and any(images for _, _, images in read):
+        raise ConfigError(f"eval --rag: the tasks in {path} have images; retrieval augments text prompts only")
+    if rag:
+        read = [(row, rag(messages)[0], images) for row, messages, images in read]
+    rows = [(row, messages) for row, messages, _ in read]
+    token_prompts, pictures = encode_prompts(engine, read)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     order = sorted(range(len(rows)), key=lambda i: len(token_prompts[i]))
     completions: list[Completion | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        for completion in engine.generate([token_prompts[i] for i in chosen], params):
+        for completion in engine.generate([token_prompts[i] for i in chosen], params,
+                                          images=[pictures[i] for i in chosen]):
             completions[chosen[completion.prompt_index]] = completion
     log.info("eval: answered %d prompts (greedy, at most %d new tokens)", len(rows), max_new_tokens)
-    return rows, token_prompts, completions
+    return rows, token_prompts, completions, pictures
 
 
-def _sampled(engine: Engine, rows, token_prompts, checker, samples: int, temperature: float, seed: int,
+def _sampled(engine: Engine, rows, token_prompts, pictures, checker, samples: int, temperature: float, seed: int,
              max_new_tokens: int, batch_size: int) -> tuple[dict, list[float | None]]:
     """`samples` answers per prompt at `temperature`, each batch seeded (seed + its index): the checker's
     mean accuracy and score over all of them, and each prompt's mean score (None without an answer)."""
@@ -134,7 +144,7 @@ def _sampled(engine: Engine, rows, token_prompts, checker, samples: int, tempera
     for b, start in enumerate(range(0, len(rows), batch_size)):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed + b)
         chosen = range(start, min(start + batch_size, len(rows)))
-        for c in engine.generate([token_prompts[i] for i in chosen], params):
+        for c in engine.generate([token_prompts[i] for i in chosen], params, images=[pictures[i] for i in chosen]):
             i = chosen[c.prompt_index]
             answer = rows[i][0].data.get("answer")
             if answer is not None:

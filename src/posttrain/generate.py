@@ -28,10 +28,10 @@ OUR_FIELDS = ("prompt", "responses", "finish_reasons", "logprobs")
 
 def read_prompts(path: str) -> list[tuple[Row, list[Message]]]:
     """Each row with its prompt as messages; a bad row is a DataError naming its file:line and field."""
-    return [(row, messages) for row, messages, _ in _read(path, images=False)]
+    return [(row, messages) for row, messages, _ in read_image_prompts(path, images=False)]
 
 
-def _read(path: str, images: bool) -> list[tuple[Row, list[Message], list[str]]]:
+def read_image_prompts(path: str, images: bool) -> list[tuple[Row, list[Message], list[str]]]:
     """With `images` (a vision-language model) each prompt's images too, read as training rows' are (image columns
     and parts, paths relative to the file), image places as data/vision.IMAGE_SLOT in the messages."""
     rows = read_rows(path)
@@ -58,6 +58,22 @@ def prompt_token_ids(engine: Engine, messages: list[Message]) -> list[int]:
     return engine.tokenizer(messages[0]["content"])["input_ids"]
 
 
+def encode_prompts(engine: Engine, prompts: list[tuple[Row, list[Message], list[str]]]) -> tuple[list, list]:
+    """Each prompt's token ids and its Pictures (None without images), from read_image_prompts' rows."""
+    token_prompts, pictures = [], []
+    for row, messages, images in prompts:
+        if images:
+            try:
+                ids, picture = engine.image_prompt(messages, images)
+            except ConfigError as exc:  # an unreadable image, a template that drops images
+                raise DataError(str(exc), row.location, "images") from None
+        else:
+            ids, picture = prompt_token_ids(engine, messages), None
+        token_prompts.append(ids)
+        pictures.append(picture)
+    return token_prompts, pictures
+
+
 def output_row(row: Row, completions) -> dict:
     prompt_key = "prompt" if "prompt" in row.data or "messages" not in row.data else "messages"
     extra = {k: v for k, v in row.data.items() if k != prompt_key and k not in OUR_FIELDS}
@@ -75,19 +91,9 @@ def generate_file(model: str, prompts_path: str, out: str, params: SamplingParam
         raise ConfigError("--batch-size must be at least 1")
     from .data.vision import load_vision
 
-    prompts = _read(prompts_path, images=load_vision(model) is not None)
+    prompts = read_image_prompts(prompts_path, images=load_vision(model) is not None)
     engine = Engine.load(model, adapter, dtype=dtype, chat_template=chat_template, device=device)
-    token_prompts, pictures = [], []
-    for row, messages, images in prompts:
-        if images:
-            try:
-                ids, picture = engine.image_prompt(messages, images)
-            except ConfigError as exc:  # an unreadable image, a template that drops images
-                raise DataError(str(exc), row.location, "images") from None
-        else:
-            ids, picture = prompt_token_ids(engine, messages), None
-        token_prompts.append(ids)
-        pictures.append(picture)
+    token_prompts, pictures = encode_prompts(engine, prompts)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
