@@ -1,11 +1,15 @@
 """Shared fixtures: tiny models built from configs in the test session (no downloads)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,34 @@ def run_cli(*args: str, cwd: str | Path | None = None, check: bool = True, timeo
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list, log: Path, timeout: float = 120):
+    """`posttrain serve ARGS --port P` in a subprocess (its output in `log`): yields the base URL once /health
+    answers (the log in the error when it exits or times out first), and stops the server afterwards."""
+    port = free_port()
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", *map(str, args), "--port",
+                                    str(port)], stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start:\n{log.read_text()}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

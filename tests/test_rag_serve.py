@@ -3,17 +3,10 @@ The citations must be the retriever's own hits, and the prompt the model saw mus
 with those chunks (checked through usage.prompt_tokens against the tokenizer)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import openai
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, serving
 from posttrain.engine import Engine, SamplingParams
 from posttrain.rag.prompt import DEFAULT_TEMPLATE, Augmenter, render
 from posttrain.rag.retrieve import Retriever
@@ -34,29 +27,9 @@ def index(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, index, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(tiny_model), "--port", str(port),
-               "--rag", str(index), "--rag-k", str(K)]
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{log.read_text()}") from None
-                time.sleep(0.2)
+    with serving(["--model", tiny_model, "--rag", index, "--rag-k", K], log) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

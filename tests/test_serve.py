@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,17 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import serving
 from posttrain.engine import Engine, SamplingParams
 from test_engine import varied_model  # noqa: F401 - the fixture: tiny_model with varied, peaked outputs
 
 KEY = "test-key-123"
 MAX_BYTES = 64 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(model_dir, out, seed):
@@ -54,28 +46,11 @@ def adapters(varied_model, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(varied_model, adapters, tmp_path_factory):  # noqa: F811
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(varied_model), "--port", str(port),
-               "--api-key", KEY, *[f"--lora={name}={path}" for name, path in adapters.items()],
-               "--max-request-bytes", str(MAX_BYTES), "--max-rows", "16", "--cors", "https://app.example"]
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{log.read_text()}") from None
-                time.sleep(0.2)
+    loras = [f"--lora={name}={path}" for name, path in adapters.items()]
+    with serving(["--model", varied_model, "--api-key", KEY, *loras, "--max-request-bytes", MAX_BYTES,
+                  "--max-rows", "16", "--cors", "https://app.example"], log) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     assert "Traceback" not in log.read_text(), log.read_text()  # no request ever crashed a handler
 
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import openai
 import pytest
 import torch
 
 from posttrain.serve.tools import parse_tool_calls
-from test_serve import free_port
+from conftest import serving
 
 TOOLS = [{"type": "function", "function": {"name": "f", "description": "a tool",
                                            "parameters": {"type": "object", "properties": {}}}}]
@@ -53,26 +49,9 @@ def wired_model(tokenizer_dir, out, answer: str):
 @pytest.fixture(scope="module")
 def qwen3_server(real_tokenizer_dir, tmp_path_factory):
     model = wired_model(real_tokenizer_dir("qwen3"), tmp_path_factory.mktemp("qwen3-tool-caller"), CALL)
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", str(model), "--port",
-                                    str(port)], stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{log.read_text()}") from None
-                time.sleep(0.2)
+    with serving(["--model", model], log) as url:
         yield url, str(model)
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -15,15 +14,9 @@ import yaml
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from conftest import write_jsonl  # noqa: E402
+from conftest import free_port, write_jsonl  # noqa: E402
 
 PROMPTS = ["What time do you open?", "Do you have soup today?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def shots(tmp_path) -> Path:
 
 def test_every_tab_in_a_browser(workdir, browser_path, shots, tmp_path):
     from posttrain.ui.app import launch
-    from test_ui import free_port
+    from conftest import free_port
 
     root, live_job = workdir
     port = free_port()

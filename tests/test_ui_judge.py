@@ -5,17 +5,12 @@ with known content."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import serving, write_jsonl
 
 pytest.importorskip("gradio")
 
@@ -51,28 +46,8 @@ def judge_url(tiny_model, tmp_path_factory):
     run_training(build_config({"stage": "sft", "model": str(tiny_model), "output_dir": str(root / "judge"),
                                "data": {"train": str(root / "judge.jsonl"), "max_length": 256},
                                "train": {"max_steps": 80, "batch_size": 8, "lr": 3.0e-3, "warmup_ratio": 0.05}}))
-    from test_ui import free_port
-
-    port = free_port()
-    log = root / "serve.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", str(root / "judge"),
-                                    "--port", str(port)], stdout=handle, stderr=subprocess.STDOUT,
-                                   env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                assert process.poll() is None and time.time() < deadline, log.read_text()
-                time.sleep(0.3)
+    with serving(["--model", root / "judge"], root / "serve.log") as url:
         yield url + "/v1", str(root / "judge")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_judge_scores_compares_caches_and_counts_malformed(judge_url, tmp_path):
@@ -124,7 +99,7 @@ def test_label_tab_judge_through_gradio_client(judge_url, tiny_model, tmp_path):
     from gradio_client import Client
 
     from posttrain.ui.app import launch
-    from test_ui import free_port
+    from conftest import free_port
 
     url, model = judge_url
     shutil.copytree(tiny_model, tmp_path / "model")

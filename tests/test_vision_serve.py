@@ -23,21 +23,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import CORPUS
+from conftest import CORPUS, free_port
 from posttrain.data.vision import IMAGE_SLOT, PROCESSOR_FILES
 from posttrain.engine import Engine, SamplingParams
 from posttrain.errors import ConfigError
 from test_vision import draw
 
 QUESTION = "\nWhat colour is the shape?"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def varied_vlm(arch: str, root: Path) -> Path:

@@ -39,7 +39,7 @@ from .data.pairs import encode_feedback, encode_preference
 from .data.sources import read_rows
 from .engine import Completion, Engine, SamplingParams
 from .errors import ConfigError
-from .generate import encode_prompts, prompt_token_ids, read_image_prompts
+from .generate import encode_prompts, read_image_prompts
 from .forward import sequence_logps
 from .stages.lm import lm_evaluate
 
