@@ -92,6 +92,34 @@ def test_reference_strategies_agree_at_step_zero(tiny_model, tmp_path, reference
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_precomputed_reference_values_belong_to_their_own_pair(tiny_model, tmp_path, prefix_sharing):
+    """The pass scores pairs in order of length, several to a batch, in the training layout; each train and
+    eval pair must still get the log-probs of its own chosen and rejected answer, as scored alone."""
+    from posttrain.data.pairs import collate_pairs
+    from posttrain.forward import sequence_logps
+    from posttrain.train import build_trainer
+
+    rows = pair_rows(11)
+    for i, row in enumerate(rows):  # lengths that differ, so sorting reorders them
+        row["chosen"] += " Yes." * (i % 4)
+        row["rejected"] += " No, not at all." * ((i * 3) % 5)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[8:])
+    body = config(tiny_model, "dpo", train, tmp_path / "out", eval_path=held_out,
+                  dpo={"reference": "precompute", "prefix_sharing": prefix_sharing}, train={"batch_size": 3})
+    trainer, _ = build_trainer(build_config(body), tmp_path / "out")
+    trainer.stage.prepare(trainer, trainer.ctx)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    units = trainer.units + trainer.eval_units
+    assert len(units) == 11
+    with torch.no_grad():
+        for unit in units:
+            alone, _ = sequence_logps(model, collate_pairs([unit], trainer.ctx.extra["pad_id"]))
+            assert unit["ref_chosen_logps"] == pytest.approx(float(alone[0]), abs=1e-4)
+            assert unit["ref_rejected_logps"] == pytest.approx(float(alone[1]), abs=1e-4)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model, tmp_path, attention):
     from posttrain.data.examples import Preference

@@ -80,9 +80,9 @@ def count_pairs(batch: dict) -> int:
 
 
 def prepare(trainer, ctx) -> None:
-    # reference log-probs are always computed on the plain concatenated layout
+    # in the layout training uses (shared prefixes when on): both give chosen rows first, then rejected
     precompute_reference(trainer, ctx, ("ref_chosen_logps", "ref_rejected_logps"),
-                         lambda units: collate_pairs(units, ctx.extra["pad_id"]))
+                         lambda units: collate(units, ctx.extra["pad_id"], ctx), length=pair_tokens)
 
 
 def evaluate(model, batches, autocast, ctx):

@@ -17,17 +17,23 @@ class StageContext:
     extra: dict = field(default_factory=dict)
 
 
-def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], collate) -> None:
+def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], collate,
+                         length=None) -> None:
     """Store the reference log-probs of every train and eval unit in the unit itself (keys `row_keys`).
 
     `collate(units)` builds a batch whose rows are the units' sequences for each key in turn (e.g. all
-    chosen rows, then all rejected rows). With several processes each scores every world-th batch and the
+    chosen rows, then all rejected rows). With `length(unit)` the units are scored in order of length, in
+    batches twice the training batch (a forward without gradients holds less than a training step), so little
+    of the pass is padding; without it (kto: a batch's mismatched rows depend on its members) in their own
+    order, a training batch at a time. With several processes each scores every world-th batch and the
     values are exchanged, so the pass costs 1 / processes of a single process's time."""
     if ctx.reference is None or ctx.reference.strategy != "precompute":
         return
-    acc, size = trainer.accelerator, trainer.train_cfg.batch_size
+    acc, size = trainer.accelerator, trainer.train_cfg.batch_size * (1 if length is None else 2)
     rank, world = acc.process_index, acc.num_processes
     for units in (trainer.units, trainer.eval_units):
+        if length is not None:
+            units = sorted(units, key=length)  # the same unit objects: their values are written in place
         starts = list(range(0, len(units), size))
         mine = starts[rank::world]
         found: dict[int, list[list[float]]] = {}
