@@ -387,6 +387,7 @@ def child_trl(spec: dict) -> dict:
     if stage == "dpo" and variant["reference"] == "precompute" and "ref_chosen_logps" not in ds.column_names:
         raise SystemExit("TRL did not precompute the reference log-probs")
     profiled(trainer.train, spec)
+    trainer.save_model(spec["out"])  # a real job keeps its model (posttrain's run saves it): whole jobs compare both
     result = summarize(step_end, step_tokens, step_loss, step_end[-1] - loop["start"], spec["warmup"])
     result.update(precompute_s=round(pre["s"], 3), checked_same_tokens=True,
                   reference_model_in_memory=getattr(trainer, "ref_model", None) is not None)
@@ -429,6 +430,10 @@ def child_main(args, children: dict | None = None) -> None:
     result.update(peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads(),
                   process_cpu_s=round(usage.ru_utime + usage.ru_stime, 1))  # the whole child, start-up included
     Path(args.result).write_text(json.dumps(result))
+    if args.child == "posttrain":  # end as the `posttrain` command ends (cli.finish), as part of the whole job
+        from posttrain.cli import finish
+
+        finish(0)
 
 
 def versions() -> dict:

@@ -468,5 +468,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def finish(code: int) -> None:
+    """Exit with `code` once a command is done, without the interpreter's module teardown: freeing every
+    module of torch and transformers one by one takes about 0.8 s at the end of each command, for nothing.
+    Everything a normal exit does that matters still happens first: the exit handlers (logging's flush,
+    temporary directories, torch.distributed) run and the standard streams are flushed. A command that left a
+    non-daemon thread running exits the normal way, which waits for it."""
+    import atexit
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what Py_Finalize runs first; the module teardown after it is what is skipped
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+            pass
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `posttrain` command (and `python -m posttrain.cli`)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
