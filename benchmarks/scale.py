@@ -3,7 +3,7 @@ vocabulary, tied head) trained for a few steps of SFT, DPO and GRPO by posttrain
 in one run: seconds per optimizer step and peak RSS. Then whole `rm` and `dpo` jobs at a small size (start-up,
 data preparation, training and saving included), posttrain's defaults against TRL.
 
-    python benchmarks/scale.py                       # everything (about an hour on a 2-core CPU)
+    python benchmarks/scale.py                       # everything (about 15 minutes on a 2-core CPU)
     python benchmarks/scale.py --stages sft --steps 3
     python benchmarks/scale.py --stages whole        # only the small whole-job comparison
 
