@@ -1,7 +1,8 @@
 """The GPU check: every command on one GPU in a few minutes, with the placement and dtypes asserted.
 
     scripts/gpu_check.sh                 # make gpu-check: a Qwen2.5-0.5B-shaped model (random weights) on cuda
-    scripts/gpu_check.sh --cpu-smoke     # the same stages with a tiny model on the CPU (a dry run of this script)
+    scripts/gpu_check.sh --cpu-smoke     # the same stages with a tiny model on the CPU (a dry run of this script;
+                                         # in fp32 where the CPU has no native bf16, as posttrain refuses it there)
 
 Stages: sft (full, bf16 autocast over fp32 master weights), sft-lora (pure bf16 base, fp32 adapter), rm (prefix
 sharing), dpo (a reference copy), grpo (a reference copy for the KL), ppo (a separate critic started from the
@@ -162,23 +163,24 @@ def train_stage(name: str, raw: dict, ctx: dict, checks, flops_factor: float, ke
 
 def run_stages(ctx: dict) -> None:
     device, data, model = ctx["device"], ctx["data"], str(ctx["model"])
-    bf16, fp32 = torch.bfloat16, torch.float32
+    bf16, fp32 = ctx["half"], torch.float32  # bf16 (fp32 only in a smoke run on a CPU without native bf16)
     steps, batch = ctx["steps"], ctx["batch"]
-    train = {"max_steps": steps, "batch_size": batch, "bf16": True, "lr": 1e-5, "log_steps": steps,
+    train = {"max_steps": steps, "batch_size": batch, "bf16": bf16 == torch.bfloat16, "lr": 1e-5, "log_steps": steps,
              "max_grad_norm": 1.0}
     base = {"model": model, "data": {"train": str(data["sft"]), "max_length": 128}, "train": train}
 
     def trained_fp32(trainer):  # full fine-tuning under bf16 autocast: fp32 master weights on the device
         check_placement("sft", trainer.raw_model, device, trained=fp32)
-        assert trainer.accelerator.mixed_precision == "bf16", "sft: bf16 autocast is off"
+        want = "bf16" if bf16 == torch.bfloat16 else "no"
+        assert trainer.accelerator.mixed_precision == want, f"sft: mixed precision is not {want}"
 
     train_stage("sft", {**base, "stage": "sft"}, ctx, trained_fp32, 6)
 
     def lora_bf16(trainer):  # the frozen base in bf16, the adapter in fp32
         check_placement("sft-lora", trainer.raw_model, device, trained=fp32, frozen=bf16)
 
-    train_stage("sft-lora", {**base, "stage": "sft", "dtype": "bf16", "adapter": {"type": "lora", "r": 16}}, ctx,
-                lora_bf16, 4)
+    train_stage("sft-lora", {**base, "stage": "sft", "dtype": ctx["half_name"], "adapter": {"type": "lora", "r": 16}},
+                ctx, lora_bf16, 4)
 
     pairs = {"model": model, "data": {"train": str(data["pairs"]), "max_length": 128}, "train": train}
     rm_init = ctx["out"] / "rm-init"
@@ -229,19 +231,19 @@ def inference_stages(ctx: dict, rm_dir: Path) -> None:
     from posttrain.evaluate import evaluate
 
     device, model, data = ctx["device"], str(ctx["model"]), ctx["data"]
-    dtype = torch.bfloat16
+    dtype, half = ctx["half"], ctx["half_name"]
     reset_peak(device)
     started = time.perf_counter()
     result = evaluate(model, tasks=str(data["prompts"]), data=str(data["sft"]), reward_model=str(rm_dir),
                       reference=model, max_new_tokens=ctx["new_tokens"], batch_size=16, device=ctx["device_setting"],
-                      dtype="bf16")
+                      dtype=half)
     sync(device)
     answered = result["tasks"] * result["response_tokens"]  # generated tokens (the scoring passes come on top)
     row("eval", answered / (time.perf_counter() - started), peak_gb(device), 0, ctx["rate"],
         f"{result['tasks']} tasks answered, perplexity, rm score, KL to a reference")
 
     reset_peak(device)
-    engine = Engine.load(model, device=ctx["device_setting"], dtype="bf16")
+    engine = Engine.load(model, device=ctx["device_setting"], dtype=half)
     check_placement("generate", engine.model, device, frozen=dtype)
     prompts = [engine.chat_prompt([{"role": "user", "content": f"Reverse the word {w}."}]) for w in WORDS]
     params = SamplingParams(max_new_tokens=ctx["new_tokens"], temperature=1.0, seed=0, n=4)
@@ -257,21 +259,22 @@ def inference_stages(ctx: dict, rm_dir: Path) -> None:
 
     from posttrain.serve import load_engine
 
-    served = load_engine(model, {}, "bfloat16", device=ctx["device_setting"])
+    served = load_engine(model, {}, str(dtype).removeprefix("torch."), device=ctx["device_setting"])
     check_placement("serve", served.model, device, frozen=dtype)
     del served
     row("serve", *serve_over_http(ctx), 2, ctx["rate"], "8 concurrent HTTP requests")
 
 
 def serve_over_http(ctx: dict) -> tuple[float, float]:
-    """`posttrain serve --device D --dtype bf16` in a subprocess, 8 concurrent completions over HTTP."""
+    """`posttrain serve --device D --dtype bf16` (or the smoke run's fp32) in a subprocess, 8 concurrent
+    completions over HTTP."""
     from concurrent.futures import ThreadPoolExecutor
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", str(ctx["model"]),
-                               "--port", str(port), "--device", ctx["device_setting"], "--dtype", "bf16"],
+                               "--port", str(port), "--device", ctx["device_setting"], "--dtype", ctx["half_name"]],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -313,11 +316,14 @@ def main() -> None:
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run `scripts/gpu_check.sh --cpu-smoke` for the CPU dry run")
     device = torch.device("cpu" if smoke else "cuda")
+    half = torch.bfloat16
     if smoke:
         from posttrain.modeling import fast_bf16
 
         if not fast_bf16():
-            raise SystemExit("--cpu-smoke checks bf16 placement and needs a CPU with native bf16 (AMX/AVX512-BF16)")
+            half = torch.float32
+            print("this CPU has no native bf16 (AMX / AVX512-BF16), where posttrain refuses bf16: the smoke run "
+                  "checks placement with fp32 everywhere bf16 is asked", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -328,15 +334,17 @@ def main() -> None:
     params = count_parameters(model_dir)
     ctx = {"device": device, "device_setting": device.type, "out": out, "model": model_dir,
            "data": write_data(out, 64 if smoke else 256), "params": params,
-           "rate": matmul_rate(device, torch.bfloat16), "steps": 3 if smoke else args.steps,
+           "half": half, "half_name": "bf16" if half == torch.bfloat16 else "fp32",
+           "rate": matmul_rate(device, half), "steps": 3 if smoke else args.steps,
            "batch": 4 if smoke else 16, "new_tokens": 8 if smoke else 64}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
-    print(f"{name}: bf16 matmul {ctx['rate'] / 1e12:.1f} TFLOP/s measured; model {config.model_type} "
-          f"{params / 1e6:.1f}M parameters, vocabulary {config.vocab_size}", flush=True)
+    print(f"{name}: {ctx['half_name']} matmul {ctx['rate'] / 1e12:.1f} TFLOP/s measured; model "
+          f"{config.model_type} {params / 1e6:.1f}M parameters, vocabulary {config.vocab_size}", flush=True)
     run_stages(ctx)
+    half = ctx["half_name"]
     lines = [f"GPU check on {name}, {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s in all; model "
-             f"{params / 1e6:.1f}M parameters ({config.vocab_size} vocabulary), bf16; MFU against the measured "
-             f"bf16 matmul rate {ctx['rate'] / 1e12:.1f} TFLOP/s. Every model's weights were on {device.type} in "
+             f"{params / 1e6:.1f}M parameters ({config.vocab_size} vocabulary), {half}; MFU against the measured "
+             f"{half} matmul rate {ctx['rate'] / 1e12:.1f} TFLOP/s. Every model's weights were on {device.type} in "
              f"the dtype asked for.", "",
              "| stage | tokens/s | peak memory (GB) | MFU | run |", "|---|---:|---:|---:|---|"]
     for r in ROWS:

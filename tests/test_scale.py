@@ -260,3 +260,28 @@ def test_pure_bf16_and_the_8bit_optimizer_train(tiny_model, tmp_path):
             assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
         else:
             assert trainer.accelerator.mixed_precision == "no"
+
+
+# ------------------------------------------------------------------------------------------- the GPU check
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine run the real check: make gpu-check")
+def test_gpu_check_dry_run_runs_every_stage_and_command(tmp_path):
+    """`scripts/gpu_check.sh --cpu-smoke` (the GPU check's own code, a tiny model, on the CPU: bf16 where the
+    CPU has it, fp32 otherwise) trains every stage, answers eval, generate and serve over HTTP, asserts each
+    model's placement and dtype, and writes the table; so the check cannot rot while no GPU runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([str(root / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    half = "bf16" if modeling.fast_bf16() else "fp32"
+    assert f"measured {half} matmul rate" in table
+    for stage in ("sft", "sft-lora", "rm", "dpo", "grpo", "ppo", "eval", "generate", "serve"):
+        assert f"\n| {stage} | " in table, stage
+    assert "FAIL" not in result.stdout + result.stderr
