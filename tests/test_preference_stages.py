@@ -92,32 +92,47 @@ def test_reference_strategies_agree_at_step_zero(tiny_model, tmp_path, reference
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-@pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_precomputed_reference_values_belong_to_their_own_pair(tiny_model, tmp_path, prefix_sharing):
-    """The pass scores pairs in order of length, several to a batch, in the training layout; each train and
-    eval pair must still get the log-probs of its own chosen and rejected answer, as scored alone."""
-    from posttrain.data.pairs import collate_pairs
+@pytest.mark.parametrize("run", ["dpo-prefix-sharing", "dpo-plain", "kto"])
+def test_precomputed_reference_values_belong_to_their_own_pair(tiny_model, tmp_path, run):
+    """The pass scores units in order of length, several to a batch, in the training layout; each train and
+    eval unit must still get the log-probs of its own sequences (dpo: chosen and rejected; kto: its completion
+    and its mismatched one), as scored alone."""
+    from posttrain.data.pairs import collate_feedback, collate_pairs
     from posttrain.forward import sequence_logps
+    from posttrain.stages.kto import _kl_rows, _main_rows
     from posttrain.train import build_trainer
 
     rows = pair_rows(11)
     for i, row in enumerate(rows):  # lengths that differ, so sorting reorders them
         row["chosen"] += " Yes." * (i % 4)
         row["rejected"] += " No, not at all." * ((i * 3) % 5)
+    if run == "kto":
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")][:11]
+        sections = {"kto": {"reference": "precompute"}}
+    else:
+        sections = {"dpo": {"reference": "precompute", "prefix_sharing": run == "dpo-prefix-sharing"}}
     train = write_jsonl(tmp_path / "train.jsonl", rows[:8])
     held_out = write_jsonl(tmp_path / "eval.jsonl", rows[8:])
-    body = config(tiny_model, "dpo", train, tmp_path / "out", eval_path=held_out,
-                  dpo={"reference": "precompute", "prefix_sharing": prefix_sharing}, train={"batch_size": 3})
+    body = config(tiny_model, run[:3], train, tmp_path / "out", eval_path=held_out, train={"batch_size": 3},
+                  **sections)
     trainer, _ = build_trainer(build_config(body), tmp_path / "out")
     trainer.stage.prepare(trainer, trainer.ctx)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    pad = trainer.ctx.extra["pad_id"]
     units = trainer.units + trainer.eval_units
     assert len(units) == 11
     with torch.no_grad():
         for unit in units:
-            alone, _ = sequence_logps(model, collate_pairs([unit], trainer.ctx.extra["pad_id"]))
-            assert unit["ref_chosen_logps"] == pytest.approx(float(alone[0]), abs=1e-4)
-            assert unit["ref_rejected_logps"] == pytest.approx(float(alone[1]), abs=1e-4)
+            if run == "kto":
+                batch = collate_feedback([unit], pad, 64)
+                alone = [sequence_logps(model, _main_rows(batch))[0], sequence_logps(model, _kl_rows(batch))[0]]
+                keys = ("ref_logps", "ref_kl_logps")
+            else:
+                alone = sequence_logps(model, collate_pairs([unit], pad))[0]
+                keys = ("ref_chosen_logps", "ref_rejected_logps")
+            for key, value in zip(keys, alone):
+                assert unit[key] == pytest.approx(float(value), abs=1e-4), key
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -82,7 +82,7 @@ def count_pairs(batch: dict) -> int:
 def prepare(trainer, ctx) -> None:
     # in the layout training uses (shared prefixes when on): both give chosen rows first, then rejected
     precompute_reference(trainer, ctx, ("ref_chosen_logps", "ref_rejected_logps"),
-                         lambda units: collate(units, ctx.extra["pad_id"], ctx), length=pair_tokens)
+                         lambda units: collate(units, ctx.extra["pad_id"], ctx))
 
 
 def evaluate(model, batches, autocast, ctx):

@@ -17,23 +17,20 @@ class StageContext:
     extra: dict = field(default_factory=dict)
 
 
-def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], collate,
-                         length=None) -> None:
+def precompute_reference(trainer, ctx: StageContext, row_keys: tuple[str, ...], collate) -> None:
     """Store the reference log-probs of every train and eval unit in the unit itself (keys `row_keys`).
 
     `collate(units)` builds a batch whose rows are the units' sequences for each key in turn (e.g. all
-    chosen rows, then all rejected rows). With `length(unit)` the units are scored in order of length, in
-    batches twice the training batch (a forward without gradients holds less than a training step), so little
-    of the pass is padding; without it (kto: a batch's mismatched rows depend on its members) in their own
-    order, a training batch at a time. With several processes each scores every world-th batch and the
-    values are exchanged, so the pass costs 1 / processes of a single process's time."""
+    chosen rows, then all rejected rows). Units are scored in order of length (the stage's unit length), in
+    batches twice the training batch (a forward without gradients holds less than a training step), so
+    little of the pass is padding. With several processes each scores every world-th batch and the values
+    are exchanged, so the pass costs 1 / processes of a single process's time."""
     if ctx.reference is None or ctx.reference.strategy != "precompute":
         return
-    acc, size = trainer.accelerator, trainer.train_cfg.batch_size * (1 if length is None else 2)
+    acc, size = trainer.accelerator, 2 * trainer.train_cfg.batch_size
     rank, world = acc.process_index, acc.num_processes
     for units in (trainer.units, trainer.eval_units):
-        if length is not None:
-            units = sorted(units, key=length)  # the same unit objects: their values are written in place
+        units = sorted(units, key=trainer.unit_length)  # the same unit objects: values are written into them
         starts = list(range(0, len(units), size))
         mine = starts[rank::world]
         found: dict[int, list[list[float]]] = {}
