@@ -148,12 +148,15 @@ def test_finished_run_is_kept_unless_overwrite(tiny_model, tmp_path):
 
 def test_second_run_is_refused_ctrl_c_says_how_to_resume_and_a_stale_lock_is_taken_over(tiny_model, tmp_path):
     out = tmp_path / "out"
-    path = config(tmp_path, tiny_model, out, train={"max_steps": 400, "save_steps": 2, "batch_size": 2})
+    # far more steps than the test lets it run (400 took the tiny model 5 s: a loaded machine's second CLI call
+    # could outlast them, and the run finished before its Ctrl-C)
+    path = config(tmp_path, tiny_model, out, train={"max_steps": 100_000, "save_steps": 2, "batch_size": 2})
     first = start(path)
     try:
         wait_for_checkpoint(out, first)
         # before: both ran and interleaved their metrics
         one_line_error(run_cli("train", path, check=False), "is in use by another run", f"pid {first.pid}")
+        assert first.poll() is None, "the run finished before the test could interrupt it"
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=120)
     finally:
