@@ -163,21 +163,21 @@ def train_stage(name: str, raw: dict, ctx: dict, checks, flops_factor: float, ke
 
 def run_stages(ctx: dict) -> None:
     device, data, model = ctx["device"], ctx["data"], str(ctx["model"])
-    bf16, fp32 = ctx["half"], torch.float32  # bf16 (fp32 only in a smoke run on a CPU without native bf16)
+    half, fp32 = ctx["half"], torch.float32  # bf16; fp32 only in a smoke run on a CPU without native bf16
     steps, batch = ctx["steps"], ctx["batch"]
-    train = {"max_steps": steps, "batch_size": batch, "bf16": bf16 == torch.bfloat16, "lr": 1e-5, "log_steps": steps,
+    train = {"max_steps": steps, "batch_size": batch, "bf16": half == torch.bfloat16, "lr": 1e-5, "log_steps": steps,
              "max_grad_norm": 1.0}
     base = {"model": model, "data": {"train": str(data["sft"]), "max_length": 128}, "train": train}
 
     def trained_fp32(trainer):  # full fine-tuning under bf16 autocast: fp32 master weights on the device
         check_placement("sft", trainer.raw_model, device, trained=fp32)
-        want = "bf16" if bf16 == torch.bfloat16 else "no"
+        want = "bf16" if half == torch.bfloat16 else "no"
         assert trainer.accelerator.mixed_precision == want, f"sft: mixed precision is not {want}"
 
     train_stage("sft", {**base, "stage": "sft"}, ctx, trained_fp32, 6)
 
     def lora_bf16(trainer):  # the frozen base in bf16, the adapter in fp32
-        check_placement("sft-lora", trainer.raw_model, device, trained=fp32, frozen=bf16)
+        check_placement("sft-lora", trainer.raw_model, device, trained=fp32, frozen=half)
 
     train_stage("sft-lora", {**base, "stage": "sft", "dtype": ctx["half_name"], "adapter": {"type": "lora", "r": 16}},
                 ctx, lora_bf16, 4)
@@ -197,7 +197,7 @@ def run_stages(ctx: dict) -> None:
 
     def dpo_checks(trainer):
         check_placement("dpo", trainer.raw_model, device, trained=fp32)
-        check_placement("dpo reference", trainer.ctx.reference.model, device, frozen=bf16)
+        check_placement("dpo reference", trainer.ctx.reference.model, device, frozen=half)
 
     train_stage("dpo", {**pairs, "stage": "dpo", "dpo": {"reference": "copy"}}, ctx, dpo_checks, 6 + 2)
 
@@ -207,7 +207,7 @@ def run_stages(ctx: dict) -> None:
 
     def grpo_checks(trainer):
         check_placement("grpo", trainer.raw_model, device, trained=fp32)
-        check_placement("grpo reference", trainer.ctx.reference.model, device, frozen=bf16)
+        check_placement("grpo reference", trainer.ctx.reference.model, device, frozen=half)
 
     train_stage("grpo", {**prompts, "stage": "grpo", "rewards": [{"builtin": "length", "target": 20}],
                          "grpo": {"num_generations": 4, "kl_coef": 0.01, "reference": "copy"}}, ctx, grpo_checks, 0)
@@ -217,8 +217,8 @@ def run_stages(ctx: dict) -> None:
         check_placement("ppo policy", actor.policy, device, trained=fp32)
         check_placement("ppo critic", actor.critic, device, trained=fp32)
         assert actor.critic.is_gradient_checkpointing, "ppo: the critic is not checkpointed"
-        check_placement("ppo reference", trainer.ctx.reference.model, device, frozen=bf16)
-        check_placement("ppo reward model", trainer.ctx.sources[0].fn.model, device, frozen=bf16)
+        check_placement("ppo reference", trainer.ctx.reference.model, device, frozen=half)
+        check_placement("ppo reward model", trainer.ctx.sources[0].fn.model, device, frozen=half)
 
     train_stage("ppo", {**prompts, "stage": "ppo", "rewards": [{"model": str(rm_dir)}],
                         "train": {**rl_train, "gradient_checkpointing": True},
